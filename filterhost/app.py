@@ -1,0 +1,77 @@
+"""The running server: front end listeners, queue runner, plugins, and a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from filterhost.config import Config
+from filterhost.dispatch import HookRunner
+from filterhost.pluginmanager import Plugins
+from filterhost.relay.queue import QueueRunner
+from filterhost.relay.resolver import Resolver
+from filterhost.smtp.server import FrontEnd
+from filterhost.spool import Spool
+
+__all__ = ["App"]
+
+log = logging.getLogger("filterhost")
+
+
+class App:
+    """One filterhost process."""
+
+    def __init__(self, config: Config, plugins: Plugins, *, drain_seconds: float = 30.0) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.drain_seconds = drain_seconds
+        self.hooks = HookRunner(plugins, config)
+        self.spool = Spool(config.spool_directory)
+        self.resolver = Resolver(config.relay.nameserver_addresses)
+        self.queue = QueueRunner(self.spool, config, self.hooks, self.resolver)
+        self.front = FrontEnd(config, self.hooks, self.spool, self._queued)
+        self.servers: list[asyncio.Server] = []
+        self._stop = asyncio.Event()
+
+    def _queued(self, queue_id: str) -> None:
+        self.queue.schedule(queue_id, 0.0)
+
+    async def start(self) -> None:
+        """Open the spool, start plugins and the queue runner, then listen."""
+        self.spool.open()
+        self.plugins.configure(self.config)
+        await self.hooks.observe("filterhost_startup")
+        self.queue.start()
+        loop = asyncio.get_running_loop()
+        for hp in self.config.server.listen_addresses:
+            server = await loop.create_server(self.front.protocol, hp.host, hp.port)
+            self.servers.append(server)
+            log.info("listening on %s", hp)
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop (signal handlers call this)."""
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Stop accepting, let sessions finish (up to ``drain_seconds``), keep the spool."""
+        for server in self.servers:
+            server.close()
+        await self.front.drain(self.drain_seconds)
+        for server in self.servers:
+            await server.wait_closed()
+        await self.queue.stop()
+        await self.hooks.observe("filterhost_shutdown", reverse=True)
+        self.spool.close()
+        log.info("stopped")
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        log.info("filterhost ready (hostname %s)", self.config.hostname)
+        await self._stop.wait()
+        log.info("stopping: no new connections; draining sessions")
+        await self.stop()

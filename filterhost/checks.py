@@ -1,0 +1,106 @@
+"""``filterhost --check-config``: everything that can be known to be wrong before serving."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from filterhost.config import Config, Problem, apply_plugin_sections, load_config
+from filterhost.pluginmanager import Plugins
+
+__all__ = ["check_configuration", "load_everything"]
+
+# Networks wider than this that are not private ranges would let much of the Internet relay.
+_MIN_PUBLIC_PREFIX = {4: 16, 6: 32}
+
+
+def _open_relay_problems(config: Config) -> list[Problem]:
+    problems: list[Problem] = []
+    where = config.where("server.mynetworks")
+    for net in config.server.networks:
+        if net.is_private or net.is_loopback or net.is_link_local:
+            continue
+        if net.prefixlen < _MIN_PUBLIC_PREFIX[net.version]:
+            problems.append(
+                Problem(
+                    where,
+                    "server.mynetworks",
+                    f"{net} lets clients from much of the Internet relay to any domain (an open "
+                    "relay); list only your internal networks, such as \"10.0.0.0/8\"",
+                )
+            )
+    where = config.where("server.relay_domains")
+    for domain in config.server.relay_domains:
+        if not domain or "*" in domain or domain.strip(".") == "":
+            problems.append(
+                Problem(
+                    where,
+                    "server.relay_domains",
+                    f"{domain!r} is not a domain name; wildcards would make an open relay",
+                )
+            )
+    return problems
+
+
+def _spool_problems(config: Config) -> list[Problem]:
+    path = config.spool_directory
+    where = config.where("spool.directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return [Problem(where, "spool.directory", f"{existing} is not a directory")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [
+            Problem(
+                where,
+                "spool.directory",
+                f"{existing} is not writable by this user (uid {os.getuid()}); "
+                "fix its ownership or choose another directory",
+            )
+        ]
+    return []
+
+
+def _listen_problems(config: Config) -> list[Problem]:
+    problems = []
+    for hp in config.server.listen_addresses:
+        try:
+            ipaddress.ip_address(hp.host)
+        except ValueError:
+            if hp.host != "localhost":
+                problems.append(
+                    Problem(
+                        config.where("server.listen"),
+                        "server.listen",
+                        f"{hp}: listen on an IP address (such as \"10.0.0.1:25\"), not a name",
+                    )
+                )
+    return problems
+
+
+def load_everything(
+    confdir: Path, plugins: Plugins | None = None
+) -> tuple[Config | None, Plugins, list[Problem]]:
+    """Load the config and the plugins, and check the plugin sections against their schemas."""
+    config, problems = load_config(confdir)
+    plugins = plugins if plugins is not None else Plugins.discover()
+    if config is None:
+        return None, plugins, problems + plugins.load_problems
+    problems += apply_plugin_sections(config, plugins.registry(), set(plugins.installed))
+    return config, plugins, problems
+
+
+def check_configuration(
+    confdir: Path, plugins: Plugins | None = None
+) -> tuple[Config | None, Plugins, list[Problem]]:
+    """Every problem with the configuration in ``confdir``; binds no socket, changes nothing."""
+    config, plugins, problems = load_everything(confdir, plugins)
+    if config is None:
+        return None, plugins, problems
+    problems += _open_relay_problems(config)
+    problems += _spool_problems(config)
+    problems += _listen_problems(config)
+    problems += plugins.check(config)
+    return config, plugins, problems

@@ -1,0 +1,155 @@
+"""Typed config sections: TOML tables checked against dataclasses, with errors in words.
+
+Core sections and plugin sections are both plain frozen dataclasses. Each field's type annotation
+says what the key accepts; ``field(metadata={"help": ...})`` says what it means. Supported types:
+``str``, ``int``, ``float``, ``bool``, :class:`~filterhost.durations.Duration`, ``Literal[...]``,
+``list[X]`` and ``X | None`` of those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+from filterhost.durations import Duration
+
+__all__ = ["Problem", "SectionError", "build_section", "describe_type"]
+
+T = TypeVar("T")
+
+
+class SectionError(ValueError):
+    """Raised by a section's ``__post_init__``: ``key`` (within the section) and what is wrong."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Problem:
+    """One configuration problem: where (file, dotted key) and what is wrong, in words."""
+
+    file: str | None
+    key: str
+    message: str
+    severity: Literal["error", "warning"] = "error"
+    """An error stops the server from starting; a warning (say, a scanner that is down right
+    now) is reported by ``--check-config`` and logged at start-up."""
+
+    def __str__(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        level = "warning: " if self.severity == "warning" else ""
+        return f"{where}{self.key}: {level}{self.message}"
+
+
+def describe_type(tp: Any) -> str:
+    """What a value of type ``tp`` looks like, for error messages."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        (inner,) = get_args(tp)
+        return f"a list of {describe_type(inner)}s" if get_origin(inner) is None else "a list"
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(describe_type(a) for a in get_args(tp) if a is not type(None))
+    if tp is Duration:
+        return 'duration (such as "30s", "5m", "1h")'
+    names = {str: "string", int: "integer", float: "number", bool: "boolean (true/false)"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """``value`` as type ``tp``; raises ValueError (message in words) when it does not fit."""
+    origin = get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for arm in get_args(tp):
+            if arm is type(None):
+                continue
+            try:
+                return _coerce(arm, value)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if len(errors) == 1 else f"expected {describe_type(tp)}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ValueError(f"expected {describe_type(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"expected {describe_type(tp)}, got {value!r}")
+        (inner,) = get_args(tp)
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(_coerce(inner, item))
+            except ValueError as exc:
+                raise ValueError(f"item {i + 1}: {exc}") from None
+        return out
+    if tp is Duration:
+        return Duration.parse(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config type {tp!r}")
+    raise ValueError(f"expected {describe_type(tp)}, got {value!r}")
+
+
+def build_section(
+    cls: type[T],
+    data: Mapping[str, Any],
+    prefix: str,
+    origin: Mapping[str, str],
+    problems: list[Problem],
+    *,
+    reserved: frozenset[str] = frozenset(),
+) -> T | None:
+    """An instance of dataclass ``cls`` from ``data``, or None after appending to ``problems``.
+
+    ``prefix`` is the dotted table name (``"server"``); ``origin`` maps dotted keys to the file
+    that set them; keys in ``reserved`` are skipped (handled by the caller).
+    """
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    ok = True
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}"
+        if key in reserved:
+            continue
+        if key not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            problems.append(
+                Problem(origin.get(dotted), dotted, f"unknown key (known keys here: {known})")
+            )
+            ok = False
+            continue
+        try:
+            kwargs[key] = _coerce(hints[key], value)
+        except ValueError as exc:
+            problems.append(Problem(origin.get(dotted), dotted, str(exc)))
+            ok = False
+    if not ok:
+        return None
+    try:
+        return cls(**kwargs)
+    except SectionError as exc:
+        dotted = f"{prefix}.{exc.key}"
+        problems.append(Problem(origin.get(dotted, origin.get(prefix)), dotted, str(exc)))
+    except (TypeError, ValueError) as exc:
+        problems.append(Problem(origin.get(prefix), prefix, str(exc)))
+    return None

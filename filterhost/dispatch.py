@@ -1,0 +1,177 @@
+"""The async hook runner: calls pipeline hooks in the operator's order, with timeouts.
+
+pluggy cannot await (pluggy#320), so filterhost calls the implementations itself: it takes them
+from pluggy, orders them by ``[plugins] order``, passes each only the arguments it asks for
+(pluggy's opt-in arguments), awaits what is awaitable under the plugin's timeout, and turns an
+exception, a timeout or an invalid result into the plugin's ``on_error`` policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from filterhost.config import Config, PluginSettings
+from filterhost.model import PluginResult, Route
+from filterhost.pluginmanager import Plugins
+from filterhost.verdict import Action, InvalidVerdictError, Reply, Verdict
+
+__all__ = ["HookRunner"]
+
+log = logging.getLogger("filterhost.dispatch")
+
+
+@dataclass(frozen=True, slots=True)
+class _Impl:
+    plugin: str
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+    settings: PluginSettings
+
+
+class _PluginError(Exception):
+    """A plugin raised, timed out or returned something invalid."""
+
+
+class HookRunner:
+    """Runs pipeline hooks for the plugins in ``[plugins] order``."""
+
+    def __init__(self, plugins: Plugins, config: Config) -> None:
+        self.plugins = plugins
+        self.order = [n for n in config.plugins.order if n in plugins.installed]
+        self._settings = {
+            n: config.settings_for(n, plugins.installed[n].declared) for n in self.order
+        }
+        self._cache: dict[str, list[_Impl]] = {}
+
+    def impls(self, hook: str) -> list[_Impl]:
+        """The implementations of ``hook`` by active plugins, in the operator's order."""
+        found = self._cache.get(hook)
+        if found is None:
+            rank = {name: i for i, name in enumerate(self.order)}
+            caller = getattr(self.plugins.pm.hook, hook)
+            found = sorted(
+                (
+                    _Impl(i.plugin_name, i.function, tuple(i.argnames), self._settings[i.plugin_name])
+                    for i in caller.get_hookimpls()
+                    if i.plugin_name in rank
+                ),
+                key=lambda impl: rank[impl.plugin],
+            )
+            self._cache[hook] = found
+        return found
+
+    async def _call(self, impl: _Impl, kwargs: dict[str, Any]) -> Any:
+        try:
+            result = impl.function(**{a: kwargs[a] for a in impl.argnames})
+            if inspect.isawaitable(result):
+                async with asyncio.timeout(impl.settings.timeout):
+                    result = await result
+        except TimeoutError:
+            raise _PluginError(f"timed out after {impl.settings.timeout:g}s") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise _PluginError(f"{type(exc).__name__}: {exc}") from exc
+        return result
+
+    def _on_error(self, impl: _Impl, hook: str, error: str, context: str) -> Verdict | None:
+        policy = impl.settings.on_error
+        log.error(
+            "%s: plugin=%s hook=%s error=%r on_error=%s",
+            context or "-",
+            impl.plugin,
+            hook,
+            error,
+            policy,
+        )
+        if policy == "pass":
+            return None
+        if policy == "reject":
+            return Verdict(
+                Action.REJECT, Reply(554, "5.3.0", "Message refused by filter"), error, impl.plugin
+            )
+        return Verdict(
+            Action.TEMPFAIL,
+            Reply(451, "4.3.0", "Temporary failure, please try again later"),
+            error,
+            impl.plugin,
+        )
+
+    async def chain(
+        self,
+        hook: str,
+        *,
+        context: str = "",
+        record: list[PluginResult] | None = None,
+        **kwargs: Any,
+    ) -> Verdict | None:
+        """Call ``hook`` plugin by plugin; the first verdict other than CONTINUE decides."""
+        for impl in self.impls(hook):
+            started = time.perf_counter()
+            error: str | None = None
+            try:
+                result = await self._call(impl, kwargs)
+                if result is not None and not isinstance(result, Verdict):
+                    raise _PluginError(
+                        f"returned {type(result).__name__}, expected a Verdict or None"
+                    )
+                verdict = result.by(impl.plugin) if result is not None else None
+            except _PluginError as exc:
+                error = str(exc)
+                verdict = self._on_error(impl, hook, error, context)
+            except InvalidVerdictError as exc:
+                error = f"invalid verdict: {exc}"
+                verdict = self._on_error(impl, hook, error, context)
+            elapsed = time.perf_counter() - started
+            if record is not None:
+                record.append(PluginResult(impl.plugin, hook, verdict, elapsed, error))
+            if verdict is not None and verdict.action.is_terminal:
+                reply = verdict.effective_reply
+                log.info(
+                    "%s: plugin=%s hook=%s action=%s reply=%r reason=%r duration=%.3f",
+                    context or "-",
+                    impl.plugin,
+                    hook,
+                    verdict.action.value,
+                    str(reply) if reply else "",
+                    verdict.reason,
+                    elapsed,
+                )
+                return verdict
+        return None
+
+    async def first_route(self, *, context: str = "", **kwargs: Any) -> Route | None:
+        """Call ``filterhost_route`` plugin by plugin; the first Route wins.
+
+        Raises :class:`RuntimeError` when a plugin fails, so the caller defers the recipient.
+        """
+        for impl in self.impls("filterhost_route"):
+            try:
+                result = await self._call(impl, kwargs)
+            except _PluginError as exc:
+                log.error("%s: plugin=%s hook=filterhost_route error=%r", context, impl.plugin, exc)
+                raise RuntimeError(f"routing plugin {impl.plugin} failed: {exc}") from None
+            if result is None:
+                continue
+            if not isinstance(result, Route):
+                raise RuntimeError(
+                    f"routing plugin {impl.plugin} returned {type(result).__name__}, not a Route"
+                )
+            return result
+        return None
+
+    async def observe(self, hook: str, *, context: str = "", reverse: bool = False,
+                      **kwargs: Any) -> None:
+        """Call ``hook`` on every plugin; failures are logged and change nothing."""
+        impls = self.impls(hook)
+        for impl in reversed(impls) if reverse else impls:
+            try:
+                await self._call(impl, kwargs)
+            except _PluginError as exc:
+                log.error("%s: plugin=%s hook=%s error=%r", context or "-", impl.plugin, hook, exc)

@@ -1,0 +1,39 @@
+"""The relay policy: who may send where. Pure functions; the front end applies them at RCPT."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from filterhost.verdict import Reply
+
+__all__ = ["RELAY_DENIED", "is_trusted", "recipient_allowed"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+
+
+def is_trusted(client_ip: str, networks: Sequence[IPNetwork]) -> bool:
+    """True when ``client_ip`` is in one of ``networks`` (``mynetworks``)."""
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
+    return any(address in net for net in networks if net.version == address.version)
+
+
+def recipient_allowed(recipient: str, *, trusted: bool, relay_domains: Sequence[str]) -> bool:
+    """May this recipient be accepted? Trusted clients: any; others: ``relay_domains`` only.
+
+    A relay domain matches exactly (case-insensitively); subdomains are not included.
+    """
+    if trusted:
+        return True
+    local, at, domain = recipient.rpartition("@")
+    if not at or not local:
+        return False
+    domain = domain.lower()
+    return any(domain == d.lower().rstrip(".") for d in relay_domains)
