@@ -27,7 +27,7 @@ def _open_relay_problems(config: Config) -> list[Problem]:
                     where,
                     "server.mynetworks",
                     f"{net} lets clients from much of the Internet relay to any domain (an open "
-                    "relay); list only your internal networks, such as \"10.0.0.0/8\"",
+                    'relay); list only your internal networks, such as "10.0.0.0/8"',
                 )
             )
     where = config.where("server.relay_domains")
@@ -74,7 +74,7 @@ def _listen_problems(config: Config) -> list[Problem]:
                     Problem(
                         config.where("server.listen"),
                         "server.listen",
-                        f"{hp}: listen on an IP address (such as \"10.0.0.1:25\"), not a name",
+                        f'{hp}: listen on an IP address (such as "10.0.0.1:25"), not a name',
                     )
                 )
     return problems

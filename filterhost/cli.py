@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from filterhost.app import App
 from filterhost.checks import check_configuration
 from filterhost.config import Config, Problem
 from filterhost.logs import setup_logging
@@ -25,8 +26,6 @@ def _print_problems(problems: list[Problem]) -> None:
 
 
 def _serve(confdir: Path, log_level: str) -> int:
-    from filterhost.app import App  # the server's imports are only needed to serve
-
     setup_logging(log_level)
     config, plugins, problems = check_configuration(confdir)
     for warning in (p for p in problems if p.severity == "warning"):
@@ -120,8 +119,10 @@ def _plugins(args: argparse.Namespace) -> int:
     config, plugins, problems = check_configuration(args.config)
     for info in sorted(plugins.installed.values(), key=lambda i: i.name):
         active = config is not None and info.name in config.plugins.order
-        print(f"{info.name:<16} {info.version:<12} {'active' if active else 'inactive':<9}"
-              f"{info.source}")
+        print(
+            f"{info.name:<16} {info.version:<12} {'active' if active else 'inactive':<9}"
+            f"{info.source}"
+        )
     if config is not None:
         print("order: " + " -> ".join(config.plugins.order or ["(none)"]))
     _print_problems(problems)
@@ -134,11 +135,15 @@ def _parser() -> argparse.ArgumentParser:
         description="SMTP smart host: scans, shapes and relays outgoing mail.",
     )
     parser.add_argument(
-        "-c", "--config", type=Path, default=Path("conf.d"),
+        "-c",
+        "--config",
+        type=Path,
+        default=Path("conf.d"),
         help="the conf.d directory (default: ./conf.d)",
     )
     parser.add_argument(
-        "--check-config", action="store_true",
+        "--check-config",
+        action="store_true",
         help="check the configuration and exit: 0 when clean, 1 with one line per problem",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])

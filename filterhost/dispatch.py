@@ -57,7 +57,9 @@ class HookRunner:
             caller = getattr(self.plugins.pm.hook, hook)
             found = sorted(
                 (
-                    _Impl(i.plugin_name, i.function, tuple(i.argnames), self._settings[i.plugin_name])
+                    _Impl(
+                        i.plugin_name, i.function, tuple(i.argnames), self._settings[i.plugin_name]
+                    )
                     for i in caller.get_hookimpls()
                     if i.plugin_name in rank
                 ),
@@ -166,8 +168,9 @@ class HookRunner:
             return result
         return None
 
-    async def observe(self, hook: str, *, context: str = "", reverse: bool = False,
-                      **kwargs: Any) -> None:
+    async def observe(
+        self, hook: str, *, context: str = "", reverse: bool = False, **kwargs: Any
+    ) -> None:
         """Call ``hook`` on every plugin; failures are logged and change nothing."""
         impls = self.impls(hook)
         for impl in reversed(impls) if reverse else impls:

@@ -1,4 +1,4 @@
-"""Durations in configuration: ``"30s"``, ``"5m"``, ``"1h"``, ``"5d"`` (a bare number is seconds)."""
+"""Durations in configuration: ``"30s"``, ``"5m"``, ``"1h"``, ``"5d"``; a number is seconds."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Duration(float):
 def parse_duration(value: object) -> float:
     """Seconds in ``value``; raises ValueError with the accepted forms when it is not a duration."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as \"30s\", \"5m\", \"1h\" or \"5d\"")
+        raise ValueError('expected a duration such as "30s", "5m", "1h" or "5d"')
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
@@ -31,7 +31,7 @@ def parse_duration(value: object) -> float:
         m = _RE.match(value)
         if m:
             return float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    raise ValueError(f"expected a duration such as \"30s\", \"5m\", \"1h\" or \"5d\", got {value!r}")
+    raise ValueError(f'expected a duration such as "30s", "5m", "1h" or "5d", got {value!r}')
 
 
 def format_duration(seconds: float) -> str:

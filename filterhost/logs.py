@@ -12,9 +12,7 @@ def setup_logging(level: str = "INFO") -> None:
     """Log to stderr as ``time filterhost[pid] LEVEL logger: message``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter(
-            "%(asctime)s filterhost[%(process)d] %(levelname)s %(name)s: %(message)s"
-        )
+        logging.Formatter("%(asctime)s filterhost[%(process)d] %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -14,7 +14,6 @@ import email.policy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import cast
 
 __all__ = ["HeaderEdit", "Message"]
 
@@ -129,7 +128,7 @@ class Message:
         """
         if self._parsed is None:
             parser = email.parser.BytesParser(policy=email.policy.default)
-            self._parsed = cast(EmailMessage, parser.parsebytes(self.as_bytes()))
+            self._parsed = parser.parsebytes(self.as_bytes())
         return self._parsed
 
     def as_bytes(self) -> bytes:

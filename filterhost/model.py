@@ -88,7 +88,7 @@ class Route:
 
     kind: RouteKind
     domain: str = ""
-    host: str = ""
+    hostname: str = ""
     port: int = 0
     reply: Reply | None = None
 
@@ -100,7 +100,7 @@ class Route:
     @classmethod
     def host(cls, host: str, port: int = 25) -> Route:
         """Deliver to ``host:port`` (a name is looked up as an A/AAAA record, not as MX)."""
-        return cls("host", host=host, port=port)
+        return cls("host", hostname=host, port=port)
 
     @classmethod
     def smarthost(cls) -> Route:
@@ -128,5 +128,5 @@ class Route:
         if self.kind == "mx":
             return f"mx:{self.domain}"
         if self.kind == "host":
-            return f"host:{self.host}:{self.port}"
+            return f"host:{self.hostname}:{self.port}"
         return self.kind

@@ -115,9 +115,7 @@ class Plugins:
         seen: set[str] = set()
         for name in config.plugins.order:
             if name in seen:
-                problems.append(
-                    Problem(order_file, "plugins.order", f"{name!r} is listed twice")
-                )
+                problems.append(Problem(order_file, "plugins.order", f"{name!r} is listed twice"))
             seen.add(name)
             if name not in self.installed:
                 problems.append(
@@ -135,8 +133,8 @@ class Plugins:
             if impl.plugin not in active:
                 continue
             try:
-                found = impl.function(config=config) if "config" in impl.argnames else (
-                    impl.function()
+                found = (
+                    impl.function(config=config) if "config" in impl.argnames else (impl.function())
                 )
             except Exception as exc:
                 problems.append(
@@ -147,7 +145,8 @@ class Plugins:
                     )
                 )
                 continue
-            problems.extend(found or [])
+            if isinstance(found, list):
+                problems.extend(p for p in found if isinstance(p, Problem))
         return problems
 
     def _hook_problems(self) -> list[Problem]:

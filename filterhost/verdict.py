@@ -123,15 +123,17 @@ class Verdict:
         return cls(Action.ACCEPT, None, reason)
 
     @classmethod
-    def reject(cls, status: str, text: str, *, code: int | None = None, reason: str = "") -> Verdict:
-        """Refuse permanently, e.g. ``Verdict.reject("5.7.1", "Virus found")`` (code 554 unless given)."""
+    def reject(
+        cls, status: str, text: str, *, code: int | None = None, reason: str = ""
+    ) -> Verdict:
+        """Refuse for good: ``Verdict.reject("5.7.1", "Virus found")`` (code 554 unless given)."""
         return cls(Action.REJECT, Reply(code or 554, status, text), reason or text)
 
     @classmethod
     def tempfail(
         cls, status: str, text: str, *, code: int | None = None, reason: str = ""
     ) -> Verdict:
-        """Refuse for now, e.g. ``Verdict.tempfail("4.7.0", "Scanner busy")`` (code 451 unless given)."""
+        """Refuse for now: ``Verdict.tempfail("4.7.0", "Scanner busy")`` (code 451 unless given)."""
         return cls(Action.TEMPFAIL, Reply(code or 451, status, text), reason or text)
 
     @classmethod

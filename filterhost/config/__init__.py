@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 from filterhost.config.loader import RawConfig, read_conf_dir
 from filterhost.config.schema import (
@@ -28,8 +28,8 @@ __all__ = [
     "PluginSettings",
     "Problem",
     "SectionError",
-    "describe_type",
     "apply_plugin_sections",
+    "describe_type",
     "load_config",
     "parse_host_port",
 ]
@@ -106,12 +106,12 @@ class Config:
     def plugin_config(self, schema: type[T]) -> T:
         """The typed config of the plugin that declared ``schema`` (its defaults if unset)."""
         for value in self.plugin_sections.values():
-            if type(value) is schema:
-                return cast(T, value)
+            if isinstance(value, schema):
+                return value
         return schema()
 
     def settings_for(self, plugin: str, declared: PluginSettings) -> PluginSettings:
-        """The timeout and error policy for ``plugin``: its ``declared`` ones, as conf.d overrides."""
+        """The timeout and error policy of ``plugin``: ``declared``, with conf.d's overrides."""
         return dataclasses.replace(declared, **self.plugin_overrides.get(plugin, {}))
 
 

@@ -50,12 +50,12 @@ def parse_host_port(text: str, default_port: int | None = None) -> HostPort:
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     elif text.count(":") > 1:
-        raise ValueError(f"{text!r}: write IPv6 addresses in brackets, as \"[::1]:25\"")
+        raise ValueError(f'{text!r}: write IPv6 addresses in brackets, as "[::1]:25"')
     if not host:
         raise ValueError(f"{text!r}: no host")
     if not port_text:
         if default_port is None:
-            raise ValueError(f"{text!r}: expected \"host:port\", such as \"127.0.0.1:2525\"")
+            raise ValueError(f'{text!r}: expected "host:port", such as "127.0.0.1:2525"')
         return HostPort(host, default_port)
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
@@ -92,13 +92,13 @@ class ServerSection:
             except ValueError as exc:
                 raise SectionError("listen", str(exc)) from None
         if not self.listen:
-            raise SectionError("listen", "at least one \"host:port\" is needed")
+            raise SectionError("listen", 'at least one "host:port" is needed')
         for net in self.mynetworks:
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise SectionError(
-                    "mynetworks", f"{net!r} is not a network such as \"10.0.0.0/8\""
+                    "mynetworks", f'{net!r} is not a network such as "10.0.0.0/8"'
                 ) from None
         for name, value in (
             ("max_message_size", self.max_message_size),
@@ -133,12 +133,12 @@ class RelaySection:
     """``[relay]``: how messages leave."""
 
     mode: Literal["mx", "smarthost"] = field(
-        default="mx", metadata=_help("\"mx\": each domain's MX; \"smarthost\": all to one host")
+        default="mx", metadata=_help('"mx": each domain\'s MX; "smarthost": all to one host')
     )
-    smarthost: str = field(default="", metadata=_help("\"host:port\" for mode = \"smarthost\""))
+    smarthost: str = field(default="", metadata=_help('"host:port" for mode = "smarthost"'))
     mx_port: int = field(default=25, metadata=_help("port used for MX hosts"))
     nameservers: list[str] = field(
-        default_factory=list, metadata=_help("\"ip\" or \"ip:port\"; empty: the system resolver")
+        default_factory=list, metadata=_help('"ip" or "ip:port"; empty: the system resolver')
     )
     retry_schedule: list[Duration] = field(
         default_factory=lambda: [Duration.parse(d) for d in ("5m", "10m", "20m", "40m", "66m")],
@@ -150,9 +150,7 @@ class RelaySection:
 
     def __post_init__(self) -> None:
         if self.mode == "smarthost" and not self.smarthost:
-            raise SectionError(
-                "smarthost", "mode = \"smarthost\" needs smarthost = \"host:port\""
-            )
+            raise SectionError("smarthost", 'mode = "smarthost" needs smarthost = "host:port"')
         if self.smarthost:
             try:
                 parse_host_port(self.smarthost, default_port=25)
@@ -165,11 +163,11 @@ class RelaySection:
                 ipaddress.ip_address(parse_host_port(ns, default_port=53).host)
             except ValueError:
                 raise SectionError(
-                    "nameservers", f"{ns!r} must be an IP address (\"127.0.0.1\" or "
-                    "\"127.0.0.1:5353\"), not a name"
+                    "nameservers",
+                    f'{ns!r} must be an IP address ("127.0.0.1" or "127.0.0.1:5353"), not a name',
                 ) from None
         if not self.retry_schedule:
-            raise SectionError("retry_schedule", "give at least one interval, such as [\"5m\"]")
+            raise SectionError("retry_schedule", 'give at least one interval, such as ["5m"]')
 
     @property
     def smarthost_address(self) -> HostPort:

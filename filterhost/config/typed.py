@@ -62,7 +62,7 @@ def describe_type(tp: Any) -> str:
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _coerce(tp: Any, value: Any) -> Any:
+def _coerce(tp: Any, value: Any) -> Any:  # noqa: PLR0911, PLR0912 - one branch per type
     """``value`` as type ``tp``; raises ValueError (message in words) when it does not fit."""
     origin = get_origin(tp)
     if origin in (types.UnionType, typing.Union):

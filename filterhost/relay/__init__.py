@@ -1,0 +1,1 @@
+"""Delivery: DNS, the SMTP client and the queue runner."""

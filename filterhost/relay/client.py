@@ -40,14 +40,15 @@ class AttemptResult:
 
 
 class _TryNextHost(Exception):
-    """This host failed as a whole (connection, greeting, MAIL 4xx): the next one may do."""
+    """The host failed as a whole (connection, greeting, MAIL 4xx): the next one may do."""
 
     def __init__(self, reply: Reply) -> None:
         super().__init__(str(reply))
         self.reply = reply
 
 
-async def _session(
+async def _session(  # noqa: PLR0912 - each SMTP stage has its own failure handling
+    *,
     host: MxHost,
     address: str,
     port: int,
@@ -72,7 +73,8 @@ async def _session(
     except aiosmtplib.SMTPResponseException as exc:
         raise _TryNextHost(remote_reply(exc.code, exc.message)) from None
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-        raise _TryNextHost(Reply(451, "4.4.1", f"connect to {host.name}[{address}]:{port}: {exc}"))
+        reply = Reply(451, "4.4.1", f"connect to {host.name}[{address}]:{port}: {exc}")
+        raise _TryNextHost(reply) from None
     replies: dict[str, Reply] = {}
     try:
         try:
@@ -112,12 +114,12 @@ async def _session(
 
 async def deliver(
     hosts: Sequence[MxHost],
+    *,
     port: int,
     helo: str,
     sender: str,
     recipients: Sequence[str],
     data: bytes,
-    *,
     timeout: float = 60.0,
 ) -> AttemptResult:
     """Deliver ``data`` to ``recipients`` through the first of ``hosts`` that takes the session.
@@ -134,7 +136,14 @@ async def deliver(
             where = f"{host.name}[{address}]:{port}"
             try:
                 replies = await _session(
-                    host, address, port, helo, sender, recipients, data, timeout
+                    host=host,
+                    address=address,
+                    port=port,
+                    helo=helo,
+                    sender=sender,
+                    recipients=recipients,
+                    data=data,
+                    timeout=timeout,
                 )
             except _TryNextHost as exc:
                 last = exc.reply

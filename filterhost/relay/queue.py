@@ -15,7 +15,7 @@ import heapq
 import logging
 import random
 import time
-from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from filterhost.config import Config
@@ -32,7 +32,7 @@ __all__ = ["QueueRunner", "retry_delay"]
 log = logging.getLogger("filterhost.queue")
 
 
-def retry_delay(schedule: list[float], attempts: int, *, jitter: float = 0.1) -> float:
+def retry_delay(schedule: Sequence[float], attempts: int, *, jitter: float = 0.1) -> float:
     """Seconds to wait after the ``attempts``-th failed attempt; the last interval repeats.
 
     A little random jitter keeps messages deferred together from retrying in lock step.
@@ -216,7 +216,9 @@ class QueueRunner:
             target = relay.smarthost_address
             return [MxHost(target.host, 0, await self.resolver.addresses(target.host))], target.port
         if route.kind == "host":
-            return [MxHost(route.host, 0, await self.resolver.addresses(route.host))], route.port
+            return [
+                MxHost(route.hostname, 0, await self.resolver.addresses(route.hostname))
+            ], route.port
         return await self.resolver.mx_hosts(route.domain), relay.mx_port
 
     async def _deliver_hop(
@@ -231,11 +233,11 @@ class QueueRunner:
             return AttemptResult(dict.fromkeys(addresses, reply), hop.route.next_hop, 0.0)
         return await deliver(
             hosts,
-            port,
-            self.config.hostname,
-            entry.mail_from,
-            addresses,
-            data,
+            port=port,
+            helo=self.config.hostname,
+            sender=entry.mail_from,
+            recipients=addresses,
+            data=data,
             timeout=self.timeout,
         )
 
@@ -289,7 +291,10 @@ class QueueRunner:
             str(reply),
         )
         await self.hooks.observe(
-            "filterhost_deferred", context=entry.id, transaction=txn, recipient=rcpt.address,
+            "filterhost_deferred",
+            context=entry.id,
+            transaction=txn,
+            recipient=rcpt.address,
             reply=reply,
         )
 
@@ -301,7 +306,10 @@ class QueueRunner:
         # DSNs to the sender come with the delivery engine (issue 5); until then, the log says it.
         log.warning("%s: to=<%s> status=bounced reply=%r", entry.id, rcpt.address, str(reply))
         await self.hooks.observe(
-            "filterhost_bounced", context=entry.id, transaction=txn, recipient=rcpt.address,
+            "filterhost_bounced",
+            context=entry.id,
+            transaction=txn,
+            recipient=rcpt.address,
             reply=reply,
         )
 

@@ -33,7 +33,7 @@ class MxHost:
 
 
 class DnsFailure(Exception):
-    """A lookup that gave no hosts: ``permanent`` (bounce) or not (retry), and an RFC 3463 status."""
+    """A lookup that gave no hosts: ``permanent`` (bounce) or not (retry), with an RFC 3463 code."""
 
     def __init__(self, permanent: bool, status: str, text: str) -> None:
         super().__init__(text)

@@ -1,0 +1,1 @@
+"""The SMTP front end (aiosmtpd) and its policy."""

@@ -37,7 +37,7 @@ def _push_back(reader: asyncio.StreamReader, data: bytes) -> None:
     # Bytes after the end of DATA belong to the next (pipelined) command. StreamReader has no
     # unread; aiosmtpd itself reaches into _buffer (on STARTTLS), and so do we, at its front.
     if data:
-        reader._buffer[0:0] = data  # type: ignore[attr-defined]  # noqa: SLF001
+        reader._buffer[0:0] = data  # type: ignore[attr-defined]
 
 
 async def read_data(reader: asyncio.StreamReader, limit: int) -> DataResult:
@@ -59,7 +59,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int) -> DataResult:
         if end >= 0:
             _push_back(reader, bytes(buf[end + len(_END) :]))
             size += end
-            if too_big:
+            if too_big or end > limit:  # the body is buf[2:end + 2]: ``end`` bytes
                 return DataResult(None, size, too_big=True)
             body = bytes(buf[2 : end + 2])
             # Undo dot-stuffing (RFC 5321 4.5.2): one leading dot off every line that has one.

@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope
 from aiosmtpd.smtp import Session as AioSession
@@ -56,6 +55,8 @@ class FrontEnd:
         self.on_queued = on_queued
         self.networks = config.server.networks
         self.sessions: set[FilterhostSMTP] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
         self.handler = Handler(self)
 
     def protocol(self) -> FilterhostSMTP:
@@ -66,15 +67,14 @@ class FrontEnd:
         """Wait until every session has ended, or ``deadline`` seconds; then close the rest."""
         try:
             async with asyncio.timeout(deadline):
-                while self.sessions:
-                    await asyncio.sleep(0.05)
+                await self.idle.wait()
         except TimeoutError:
             for proto in list(self.sessions):
                 if proto.transport is not None:
                     proto.transport.close()
 
 
-class FilterhostSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
+class FilterhostSMTP(SMTP):
     """aiosmtpd's SMTP with filterhost's connect phase and a block-reading DATA."""
 
     def __init__(self, front: FrontEnd) -> None:
@@ -104,18 +104,19 @@ class FilterhostSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
                 trusted=is_trusted(ip, self.front.networks),
             )
             self.front.sessions.add(self)
+            self.front.idle.clear()
         elif self.fh is not None:
             self.fh.tls = True  # connection_made again: STARTTLS completed
 
     def connection_lost(self, error: Exception | None) -> None:
         self.front.sessions.discard(self)
+        if not self.front.sessions:
+            self.front.idle.set()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
         assert self.fh is not None
-        log.info(
-            "%s: connect from %s trusted=%s", self.fh.id, self.fh.client_ip, self.fh.trusted
-        )
+        log.info("%s: connect from %s trusted=%s", self.fh.id, self.fh.client_ip, self.fh.trusted)
         try:
             verdict = await self.front.hooks.chain(
                 "filterhost_connect", context=self.fh.id, session=self.fh
@@ -151,7 +152,7 @@ class FilterhostSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd is untyped
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         result = await read_data(self._reader, self.front.config.server.max_message_size)
         envelope = self.envelope
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         if result.too_big or result.content is None:
             reply = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
         else:
@@ -209,8 +210,8 @@ class Handler:
         fh = self._fh(server)
         fh.helo, fh.esmtp = hostname, False
         refused = await self._verdict_reply(
-            server, self.front.hooks.chain("filterhost_helo", context=fh.id, session=fh,
-                                           name=hostname)
+            server,
+            self.front.hooks.chain("filterhost_helo", context=fh.id, session=fh, name=hostname),
         )
         if refused:
             return refused
@@ -228,8 +229,8 @@ class Handler:
         fh = self._fh(server)
         fh.helo, fh.esmtp = hostname, True
         refused = await self._verdict_reply(
-            server, self.front.hooks.chain("filterhost_helo", context=fh.id, session=fh,
-                                           name=hostname)
+            server,
+            self.front.hooks.chain("filterhost_helo", context=fh.id, session=fh, name=hostname),
         )
         if refused:
             return [refused]
@@ -260,7 +261,7 @@ class Handler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
-    async def handle_RCPT(
+    async def handle_RCPT(  # noqa: PLR0911 - one reply per refusal reason
         self,
         server: FilterhostSMTP,
         session: AioSession,
@@ -297,7 +298,10 @@ class Handler:
             address, trusted=fh.trusted, relay_domains=self.front.config.server.relay_domains
         ):
             log.info(
-                "%s: relay denied from=<%s> to=<%s> client=%s", fh.id, sender, address,
+                "%s: relay denied from=<%s> to=<%s> client=%s",
+                fh.id,
+                sender,
+                address,
                 fh.client_ip,
             )
             return wire(RELAY_DENIED)
@@ -353,15 +357,21 @@ class Handler:
             reply = verdict.effective_reply
             assert reply is not None
             log.info(
-                "%s: refused from=<%s> plugin=%s reply=%r", queue_id, sender, verdict.plugin,
+                "%s: refused from=<%s> plugin=%s reply=%r",
+                queue_id,
+                sender,
+                verdict.plugin,
                 str(reply),
             )
             return reply
         if action is Action.DISCARD or not txn.recipients:
             assert verdict is None or verdict.plugin is not None
             log.info(
-                "%s: discarded from=<%s> plugin=%s reason=%r", queue_id, sender,
-                verdict.plugin if verdict else "-", verdict.reason if verdict else "no recipients",
+                "%s: discarded from=<%s> plugin=%s reason=%r",
+                queue_id,
+                sender,
+                verdict.plugin if verdict else "-",
+                verdict.reason if verdict else "no recipients",
             )
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         data = message.as_bytes()
@@ -389,5 +399,3 @@ class Handler:
         if action is not Action.QUARANTINE:
             self.front.on_queued(queue_id)
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-
-

@@ -1,0 +1,51 @@
+# filterhost: development and CI entry points. `make test` is what CI runs (.ci/run).
+#   make venv       .venv with filterhost[test] (+ every examples/*/ with a pyproject.toml)
+#   make run        serve with conf.d/
+#   make testdeps   apt packages of the test components (no-op when present)
+#   make lint       ruff + mypy
+#   make test       lint, then pytest inside a private network namespace
+#                   (extra pytest arguments: make test PYTEST_ARGS='-k sink -x')
+#   make clean
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.stamp-install
+EXAMPLE_PROJECTS := $(wildcard examples/*/pyproject.toml)
+EXAMPLES := $(patsubst %/pyproject.toml,%,$(EXAMPLE_PROJECTS))
+PYTEST_ARGS ?=
+
+.PHONY: venv run testdeps lint test clean
+
+venv: $(STAMP)
+
+# The stamp is newer than every pyproject.toml once pip has run, so a second
+# `make test` does not touch pip.
+$(STAMP): pyproject.toml $(EXAMPLE_PROJECTS)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check \
+	    -e '.[test]' $(addprefix -e ./,$(EXAMPLES))
+	touch $@
+
+run: venv
+	exec $(VENV)/bin/filterhost -c conf.d
+
+testdeps:
+	bash scripts/install-test-deps.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# pytest exits 5 when it collected nothing: that fails too, the suite must run tests.
+test: venv testdeps lint
+	rc=0; scripts/netns-run $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ "$$rc" -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit "$$rc"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
+	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""filterhost test suite."""

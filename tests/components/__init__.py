@@ -1,0 +1,1 @@
+"""Real test components (clamd, unbound, smtp-sink, a recording SMTP peer) on loopback."""

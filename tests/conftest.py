@@ -1,0 +1,1 @@
+pytest_plugins = ["tests.components.fixtures", "tests.filterhost_fixtures"]
