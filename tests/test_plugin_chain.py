@@ -16,6 +16,7 @@ import aiosmtplib
 import pytest
 
 from filterhost import Route, Session, Transaction, Verdict, hookimpl
+from filterhost.smtp import server
 from filterhost.verdict import Reply
 from tests.components.fixtures import Sinks
 from tests.components.services import Dns, free_port
@@ -316,3 +317,31 @@ async def test_route_hook_and_outcome_observers(
     assert via_mx.rcpt_tos == ["b@mx.test"]
     assert sorted(r for r, _ in outcomes.delivered) == ["a@routed.test", "b@mx.test"]
     assert all(reply.code == 250 for _, reply in outcomes.delivered)
+
+
+async def test_an_internal_error_is_451_never_500(
+    tmp_path: Path, dns_server: Dns, monkeypatch: pytest.MonkeyPatch, mx: Any
+) -> None:
+    async def broken(*args: object) -> str:
+        raise KeyError("a bug of ours")
+
+    conf = _conf(tmp_path, dns_server, mx.port, [])
+    async with running_app(tmp_path, conf) as app:
+        monkeypatch.setattr(server.Handler, "handle_MAIL", broken)
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port_of(app), start_tls=False)
+        await client.connect()
+        try:
+            await client.ehlo(hostname="client.test")
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as info:
+                await client.mail("alice@example.test")
+            assert (info.value.code, info.value.message) == (
+                451,
+                "4.3.0 Internal error, please try again later",
+            )
+            assert "KeyError" not in info.value.message
+            # The session goes on.
+            assert (await client.noop()).code == 250
+        finally:
+            await client.quit()
+        monkeypatch.undo()
+        assert (await _send(port_of(app))).code == 250

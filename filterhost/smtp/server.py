@@ -138,6 +138,15 @@ class FilterhostSMTP(SMTP):
             return
         await super()._handle_client()
 
+    async def handle_exception(self, error: Exception) -> str:
+        """Turn an error of ours into 451 4.3.0, never aiosmtpd's 500 with the exception text.
+
+        The traceback goes to the log only.
+        """
+        session = self.fh.id if self.fh is not None else "-"
+        log.error("%s: internal error in the SMTP session", session, exc_info=error)
+        return wire(INTERNAL_ERROR)
+
     async def smtp_DATA(self, arg: str) -> None:
         """DATA, read in blocks (see :mod:`filterhost.smtp.data`), then the message chain."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
