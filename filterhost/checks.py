@@ -44,8 +44,23 @@ def _open_relay_problems(config: Config) -> list[Problem]:
 
 
 def _spool_problems(config: Config) -> list[Problem]:
-    path = config.spool_directory
     where = config.where("spool.directory")
+    try:
+        return _spool_path_problems(config.spool_directory, where)
+    except (OSError, ValueError) as exc:
+        return [Problem(where, "spool.directory", f"cannot be used: {exc}")]
+
+
+def _spool_path_problems(path: Path, where: str | None) -> list[Problem]:
+    name_max = os.pathconf("/", "PC_NAME_MAX")
+    path_max = os.pathconf("/", "PC_PATH_MAX")
+    if len(os.fsencode(path)) >= path_max:
+        return [Problem(where, "spool.directory", f"path is longer than {path_max} bytes")]
+    for part in path.parts:
+        if len(os.fsencode(part)) > name_max:
+            return [
+                Problem(where, "spool.directory", f"{part[:20]}...: a name over {name_max} bytes")
+            ]
     existing = path
     while not existing.exists():
         existing = existing.parent

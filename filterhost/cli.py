@@ -141,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
         default=Path("conf.d"),
         help="the conf.d directory (default: ./conf.d)",
     )
+    # -c may also come after a subcommand (`filterhost queue list -c DIR`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS)
     parser.add_argument(
         "--check-config",
         action="store_true",
@@ -148,13 +151,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     sub = parser.add_subparsers(dest="command")
-    queue = sub.add_parser("queue", help="inspect the queue")
+    queue = sub.add_parser("queue", help="inspect the queue", parents=[common])
     qsub = queue.add_subparsers(dest="action", required=True)
-    qlist = qsub.add_parser("list", help="list queued messages")
+    qlist = qsub.add_parser("list", help="list queued messages", parents=[common])
     qlist.add_argument("--json", action="store_true")
-    qshow = qsub.add_parser("show", help="show one message's state")
+    qshow = qsub.add_parser("show", help="show one message's state", parents=[common])
     qshow.add_argument("id")
-    sub.add_parser("plugins", help="list installed plugins and the chain order")
+    sub.add_parser("plugins", help="list installed plugins and the chain order", parents=[common])
     return parser
 
 

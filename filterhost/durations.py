@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["Duration", "format_duration", "parse_duration"]
@@ -24,8 +25,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError('expected a duration such as "30s", "5m", "1h" or "5d"')
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"a duration must be a finite number of seconds, got {value!r}")
         if value < 0:
-            raise ValueError("a duration cannot be negative")
+            raise ValueError(f"a duration cannot be negative, got {value!r}")
         return float(value)
     if isinstance(value, str):
         m = _RE.match(value)

@@ -8,9 +8,11 @@ came in (DESIGN.md section 2, "Bytes are preserved").
 
 from __future__ import annotations
 
+import email.errors
 import email.header
 import email.parser
 import email.policy
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -43,15 +45,40 @@ def _field_value(raw: bytes) -> str:
         return text
     try:
         return str(email.header.make_header(email.header.decode_header(text)))
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
         return text
 
 
+_FIELD_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 2.2: printable ASCII except ":"
+_FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
+_MAX_LINE = 998  # ... and MUST be at most 998
+
+
+def _fold(line: str) -> str:
+    """Fold an ASCII header line at white space so that lines stay within 78 characters."""
+    if len(line) <= _FOLD_AT:
+        return line
+    out: list[str] = []
+    current = ""
+    for word in re.split(r"(?=[ \t])", line):
+        if current and len(current) + len(word) > _FOLD_AT:
+            out.append(current)
+            current = word
+        else:
+            current += word
+    out.append(current)
+    if any(len(part) > _MAX_LINE for part in out):
+        raise ValueError("header value has a word longer than 998 characters; it cannot be folded")
+    return "\r\n".join(out)
+
+
 def _encode_field(name: str, value: str) -> bytes:
-    if any(c in value for c in "\r\n\0") or any(c in name for c in ": \t\r\n"):
-        raise ValueError(f"invalid header {name!r}: names have no ':' or spaces, values one line")
+    if not _FIELD_NAME.match(name):
+        raise ValueError(f"invalid header name {name!r}: printable ASCII, no ':' or spaces")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"invalid value for header {name}: it must be a single line")
     if value.isascii():
-        return f"{name}: {value}".encode("ascii") + _CRLF
+        return _fold(f"{name}: {value}").encode("ascii") + _CRLF
     encoded = email.header.Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
     return f"{name}: {encoded}".encode("ascii") + _CRLF
 
@@ -144,8 +171,6 @@ class Message:
             self._fields.insert(0, field)
         else:
             self._fields.append(field)
-        if not self._separator:
-            self._separator = _CRLF
         self._changed(HeaderEdit("add", name, value))
 
     def remove_header(self, name: str) -> int:

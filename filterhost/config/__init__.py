@@ -144,7 +144,10 @@ def load_config(directory: Path) -> tuple[Config | None, list[Problem]]:
     for name, cls in _CORE_TABLES.items():
         table = raw.data.get(name, {})
         if not isinstance(table, dict):
-            problems.append(Problem(raw.origin.get(name), name, "expected a table"))
+            problems.append(
+                Problem(raw.origin.get(name), name, f"expected a table ([{name}]), got {table!r}")
+            )
+            sections[name] = None
             continue
         if name == "plugins":
             plugin_tables = {k: v for k, v in table.items() if isinstance(v, dict)}
@@ -219,11 +222,18 @@ def _plugin_overrides(
 ) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if "timeout" in table:
+        key = f"{prefix}.timeout"
         try:
-            kwargs["timeout"] = float(Duration.parse(table["timeout"]))
+            timeout = float(Duration.parse(table["timeout"]))
         except ValueError as exc:
-            key = f"{prefix}.timeout"
             problems.append(Problem(config.where(key), key, str(exc)))
+        else:
+            if timeout <= 0:
+                problems.append(
+                    Problem(config.where(key), key, 'must be more than 0, such as "30s"')
+                )
+            else:
+                kwargs["timeout"] = timeout
     if "on_error" in table:
         value = table["on_error"]
         if value not in ("tempfail", "pass", "reject"):

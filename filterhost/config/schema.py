@@ -7,6 +7,7 @@ Keys, types and defaults live here and nowhere else; ``help`` metadata is what t
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -62,6 +63,10 @@ def parse_host_port(text: str, default_port: int | None = None) -> HostPort:
     return HostPort(host, int(port_text))
 
 
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -86,6 +91,12 @@ class ServerSection:
     max_hops: int = field(default=50, metadata=_help("Received headers before 554 5.4.6"))
 
     def __post_init__(self) -> None:
+        if self.hostname and (len(self.hostname) > 253 or not _HOSTNAME.match(self.hostname)):
+            raise SectionError(
+                "hostname",
+                f'{self.hostname!r} is not a host name such as "relay.example.net" '
+                "(letters, digits, '-' and dots)",
+            )
         for item in self.listen:
             try:
                 parse_host_port(item)
@@ -126,6 +137,12 @@ class SpoolSection:
     directory: str = field(
         default="var/spool", metadata=_help("spool directory; relative paths: from the cwd")
     )
+
+    def __post_init__(self) -> None:
+        if not self.directory.strip():
+            raise SectionError("directory", 'give a directory, such as "/var/spool/filterhost"')
+        if "\0" in self.directory:
+            raise SectionError("directory", "a path cannot contain a NUL character")
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,6 +143,18 @@ def build_section(
         except ValueError as exc:
             problems.append(Problem(origin.get(dotted), dotted, str(exc)))
             ok = False
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in kwargs and name not in data and f.init:
+            dotted = f"{prefix}.{name}"
+            problems.append(
+                Problem(
+                    origin.get(prefix),
+                    dotted,
+                    f"required key missing: expected {describe_type(hints[name])}",
+                )
+            )
+            ok = False
     if not ok:
         return None
     try:
