@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from filterhost.config import Config
@@ -12,7 +13,7 @@ from filterhost.pluginmanager import Plugins
 from filterhost.relay.queue import QueueRunner
 from filterhost.relay.resolver import Resolver
 from filterhost.smtp.server import FrontEnd
-from filterhost.spool import Spool
+from filterhost.spool import PIDFILE, RESCAN_SIGNAL, Spool
 
 __all__ = ["App"]
 
@@ -40,6 +41,7 @@ class App:
     async def start(self) -> None:
         """Open the spool, start plugins and the queue runner, then listen."""
         self.spool.open()
+        (self.spool.directory / PIDFILE).write_text(f"{os.getpid()}\n")
         self.plugins.configure(self.config)
         await self.hooks.observe("filterhost_startup")
         self.queue.start()
@@ -63,6 +65,9 @@ class App:
         await self.queue.stop()
         await self.hooks.observe("filterhost_shutdown", reverse=True)
         self.spool.close()
+        pidfile = self.spool.directory / PIDFILE
+        if pidfile.exists() and pidfile.read_text().strip() == str(os.getpid()):
+            pidfile.unlink()
         log.info("stopped")
 
     async def run(self) -> None:
@@ -70,6 +75,7 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(RESCAN_SIGNAL, self.queue.rescan)
         await self.start()
         log.info("filterhost ready (hostname %s)", self.config.hostname)
         await self._stop.wait()

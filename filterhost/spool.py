@@ -12,6 +12,9 @@ before that leaves an orphan ``.msg`` (the client never got 250), removed at the
 Several processes may share a spool: a delivery attempt holds an exclusive ``flock`` on the
 ``.msg`` file, so one message is never delivered by two processes at once, and the queue CLI
 takes the same lock before it changes anything.
+
+Other areas of the spool directory (``quarantine/``) use the same format; ``filterhost.pid``
+names the running server, which :func:`notify_server` asks to look at the queue again.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import fcntl
 import json
 import os
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +33,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["RecipientState", "Spool", "SpoolEntry", "new_queue_id"]
+__all__ = [
+    "PIDFILE",
+    "RESCAN_SIGNAL",
+    "RecipientState",
+    "Spool",
+    "SpoolEntry",
+    "new_queue_id",
+    "notify_server",
+]
+
+PIDFILE = "filterhost.pid"
+# The signal a running server takes as "the queue changed on disk: look again".
+RESCAN_SIGNAL = signal.SIGUSR1
 
 RecipientStatus = Literal["pending", "delivered", "bounced", "discarded"]
 ORPHAN_AGE = 3600.0  # an unlinked .msg this old cannot belong to a transaction still in progress
@@ -70,6 +86,8 @@ class SpoolEntry:
     helo: str = ""
     mail_options: list[str] = field(default_factory=list)
     hold: bool = False
+    reason: str = ""
+    """Why the message is held or quarantined (empty otherwise)."""
     version: int = 1
 
     def to_json(self) -> bytes:
@@ -118,9 +136,9 @@ def _write_file(path: Path, data: bytes, *, exclusive: bool) -> None:
 class Spool:
     """The spool directory. Blocking file work runs in a small thread pool, off the event loop."""
 
-    def __init__(self, directory: Path, *, threads: int = 8) -> None:
+    def __init__(self, directory: Path, *, area: str = "queue", threads: int = 8) -> None:
         self.directory = directory
-        self.queue_dir = directory / "queue"
+        self.queue_dir = directory / area
         # Concurrent fsyncs from several threads let the filesystem journal commit them together.
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
 
@@ -235,3 +253,16 @@ class Spool:
             yield True
         finally:
             os.close(fd)
+
+
+def notify_server(directory: Path) -> bool:
+    """Ask the server running on spool ``directory`` to rescan its queue now.
+
+    Returns False when no server is running there (it rescans at start-up anyway).
+    """
+    try:
+        pid = int((directory / PIDFILE).read_text().strip())
+        os.kill(pid, RESCAN_SIGNAL)
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return False
+    return True

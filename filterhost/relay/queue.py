@@ -72,6 +72,8 @@ class QueueRunner:
         self._active: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._scan_task: asyncio.Task[None] | None = None
+        self.rescan_interval = 60.0
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -89,21 +91,43 @@ class QueueRunner:
         orphans = self.spool.remove_orphans()
         for queue_id in orphans:
             log.warning("%s: removed an incomplete spool file (never acknowledged)", queue_id)
+        count = self.rescan()
+        log.info("queue runner started: %d message(s) in the queue", count)
+        self._loop_task = asyncio.create_task(self._run(), name="queue-runner")
+        self._scan_task = asyncio.create_task(self._rescan_periodically(), name="queue-rescan")
+
+    def rescan(self) -> int:
+        """Schedule every queued message this runner does not know yet; returns how many.
+
+        Messages come into the queue behind the runner's back when the queue CLI releases or
+        flushes them, or when another process spooled them.
+        """
         count = 0
-        for entry in self.spool.entries():
+        for queue_id in self.spool.queue_ids():
+            if queue_id in self._due or queue_id in self._active:
+                continue
+            try:
+                entry = self.spool.read_entry(queue_id)
+            except (FileNotFoundError, ValueError):
+                continue
             due = entry.next_attempt
             if due is not None and not entry.hold:
                 self.schedule(entry.id, due)
                 count += 1
-        log.info("queue runner started: %d message(s) in the queue", count)
-        self._loop_task = asyncio.create_task(self._run(), name="queue-runner")
+        return count
+
+    async def _rescan_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.rescan_interval)
+            self.rescan()
 
     async def stop(self) -> None:
         """Stop: no new attempts; attempts in flight are cancelled (their messages stay queued)."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for background in (self._scan_task, self._loop_task):
+            if background is not None:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
