@@ -5,6 +5,10 @@
 #   make lint       ruff + mypy
 #   make test       lint, then pytest inside a private network namespace
 #                   (extra pytest arguments: make test PYTEST_ARGS='-k sink -x')
+#   make bench      filterhost vs a private Postfix vs the ceiling, as root, in a private
+#                   network namespace -> bench/RESULTS.md (knobs: see bench/run.sh; a quick
+#                   run: RUNS=1 N_5K=500 N_5K_1S=200 N_1M=20 make bench)
+#   make bench-profile  one bench load with filterhost under py-spy -> bench/profiles/
 #   make clean
 
 SHELL := bash
@@ -18,7 +22,7 @@ EXAMPLE_PROJECTS := $(wildcard examples/*/pyproject.toml)
 EXAMPLES := $(patsubst %/pyproject.toml,%,$(EXAMPLE_PROJECTS))
 PYTEST_ARGS ?=
 
-.PHONY: venv run testdeps lint test clean
+.PHONY: venv run testdeps lint test clean bench-deps bench bench-profile
 
 venv: $(STAMP)
 
@@ -45,6 +49,17 @@ test: venv testdeps lint
 	rc=0; scripts/netns-run $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ "$$rc" -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit "$$rc"
+
+# smtp-source, smtp-sink and postfix come from the postfix package, clamd from clamav-daemon:
+# install-test-deps.sh installs them with service starts forbidden (the system MTA never runs).
+bench-deps: testdeps
+
+bench: venv bench-deps
+	bench/run.sh
+
+bench-profile: venv bench-deps
+	test -x $(VENV)/bin/py-spy || $(VENV)/bin/python -m pip install --disable-pip-version-check py-spy
+	bench/profile.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist

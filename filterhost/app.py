@@ -41,15 +41,13 @@ class App:
     async def start(self) -> None:
         """Open the spool, start plugins and the queue runner, then listen."""
         self.spool.open()
+        self.front.quarantine.open()
         (self.spool.directory / PIDFILE).write_text(f"{os.getpid()}\n")
         self.plugins.configure(self.config)
         await self.hooks.observe("filterhost_startup")
         self.queue.start()
-        loop = asyncio.get_running_loop()
-        for hp in self.config.server.listen_addresses:
-            server = await loop.create_server(self.front.protocol, hp.host, hp.port)
-            self.servers.append(server)
-            log.info("listening on %s", hp)
+        # Plain (STARTTLS) listeners first, then implicit-TLS ones; each is kept as it opens.
+        await self.front.listen(self.servers)
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to stop (signal handlers call this)."""
@@ -65,6 +63,7 @@ class App:
         await self.queue.stop()
         await self.hooks.observe("filterhost_shutdown", reverse=True)
         self.spool.close()
+        self.front.quarantine.close()
         pidfile = self.spool.directory / PIDFILE
         if pidfile.exists() and pidfile.read_text().strip() == str(os.getpid()):
             pidfile.unlink()

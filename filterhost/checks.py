@@ -8,6 +8,8 @@ from pathlib import Path
 
 from filterhost.config import Config, Problem, apply_plugin_sections, load_config
 from filterhost.pluginmanager import Plugins
+from filterhost.smtp.auth import parse_user_file
+from filterhost.smtp.tls import certificate_problems
 
 __all__ = ["check_configuration", "load_everything"]
 
@@ -80,18 +82,55 @@ def _spool_path_problems(path: Path, where: str | None) -> list[Problem]:
 
 def _listen_problems(config: Config) -> list[Problem]:
     problems = []
-    for hp in config.server.listen_addresses:
-        try:
-            ipaddress.ip_address(hp.host)
-        except ValueError:
-            if hp.host != "localhost":
-                problems.append(
-                    Problem(
-                        config.where("server.listen"),
-                        "server.listen",
-                        f'{hp}: listen on an IP address (such as "10.0.0.1:25"), not a name',
+    for key, addresses in (
+        ("server.listen", config.server.listen_addresses),
+        ("server.tls_listen", config.server.tls_listen_addresses),
+    ):
+        for hp in addresses:
+            try:
+                ipaddress.ip_address(hp.host)
+            except ValueError:
+                if hp.host != "localhost":
+                    problems.append(
+                        Problem(
+                            config.where(key),
+                            key,
+                            f'{hp}: listen on an IP address (such as "10.0.0.1:25"), not a name',
+                        )
                     )
+    return problems
+
+
+def _tls_auth_problems(config: Config) -> list[Problem]:
+    """The certificate and key load and match; the credentials file is readable and sound."""
+    server = config.server
+    problems: list[Problem] = []
+    if server.tls_cert:
+        # Relative paths start from the working directory, as the server opens them.
+        cert, key = Path(server.tls_cert), Path(server.tls_key)
+        for name, message in certificate_problems(cert, key):
+            dotted = f"server.{name}"
+            problems.append(Problem(config.where(dotted), dotted, message))
+    if server.auth_file:
+        where = config.where("server.auth_file")
+        path = Path(server.auth_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            return [*problems, Problem(where, "server.auth_file", f"{path}: {reason}")]
+        users, bad_lines = parse_user_file(text)
+        for bad in bad_lines:
+            problems.append(Problem(where, "server.auth_file", f"{path} {bad}"))
+        if not users and not bad_lines:
+            problems.append(
+                Problem(
+                    where,
+                    "server.auth_file",
+                    f"{path} has no users (add one with: filterhost passwd {path} USER)",
+                    severity="warning",
                 )
+            )
     return problems
 
 
@@ -117,5 +156,6 @@ def check_configuration(
     problems += _open_relay_problems(config)
     problems += _spool_problems(config)
     problems += _listen_problems(config)
+    problems += _tls_auth_problems(config)
     problems += plugins.check(config)
     return config, plugins, problems

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from filterhost.config import Config, PluginSettings
-from filterhost.model import PluginResult, Route
+from filterhost.message import HeaderEdit
+from filterhost.model import EnvelopeEdit, PluginResult, Route, Transaction, envelope_edits
 from filterhost.pluginmanager import Plugins
 from filterhost.verdict import Action, InvalidVerdictError, Reply, Verdict
 
@@ -36,6 +37,35 @@ class _Impl:
 
 class _PluginError(Exception):
     """A plugin raised, timed out or returned something invalid."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """A transaction's headers and envelope before one plugin ran."""
+
+    headers: tuple[list[bytes], int] | None = None
+    envelope: tuple[str, list[str]] = ("", [])
+
+    @classmethod
+    def take(cls, txn: Transaction | None) -> _Snapshot:
+        if txn is None:
+            return cls()
+        return cls(txn.message._checkpoint(), (txn.mail_from, list(txn.recipients)))
+
+    def settle(
+        self, txn: Transaction | None, error: str | None
+    ) -> tuple[tuple[HeaderEdit, ...], tuple[EnvelopeEdit, ...], str | None]:
+        """The plugin's edits, or (when it failed, or left a bad envelope) undo them."""
+        if txn is None or self.headers is None:
+            return (), (), error
+        if error is None:
+            found, problem = envelope_edits(self.envelope, txn)
+            if problem is None:
+                return tuple(txn.message.edits[self.headers[1] :]), tuple(found), None
+            error = f"left an invalid envelope: {problem}"
+        txn.message._rollback(self.headers)
+        txn.mail_from, txn.recipients = self.envelope[0], list(self.envelope[1])
+        return (), (), error
 
 
 class HookRunner:
@@ -84,7 +114,8 @@ class HookRunner:
 
     def _on_error(self, impl: _Impl, hook: str, error: str, context: str) -> Verdict | None:
         policy = impl.settings.on_error
-        log.error(
+        log.log(
+            logging.WARNING if policy == "pass" else logging.ERROR,
             "%s: plugin=%s hook=%s error=%r on_error=%s",
             context or "-",
             impl.plugin,
@@ -113,9 +144,19 @@ class HookRunner:
         record: list[PluginResult] | None = None,
         **kwargs: Any,
     ) -> Verdict | None:
-        """Call ``hook`` plugin by plugin; the first verdict other than CONTINUE decides."""
+        """Call ``hook`` plugin by plugin; the first verdict other than CONTINUE decides.
+
+        With a ``transaction`` argument (the message hook), each plugin's header and envelope
+        edits are recorded in its :class:`PluginResult`; a plugin that fails has its edits
+        undone, so a half-done change (say, a "scanned" header before the scan broke) never
+        leaves with the message.
+        """
+        txn = kwargs.get("transaction")
+        tracked = txn if isinstance(txn, Transaction) else None
         for impl in self.impls(hook):
             started = time.perf_counter()
+            before = _Snapshot.take(tracked)
+            verdict: Verdict | None = None
             error: str | None = None
             try:
                 result = await self._call(impl, kwargs)
@@ -126,13 +167,18 @@ class HookRunner:
                 verdict = result.by(impl.plugin) if result is not None else None
             except _PluginError as exc:
                 error = str(exc)
-                verdict = self._on_error(impl, hook, error, context)
             except InvalidVerdictError as exc:
                 error = f"invalid verdict: {exc}"
+            header_edits, env_edits, error = before.settle(tracked, error)
+            if error is not None:
                 verdict = self._on_error(impl, hook, error, context)
             elapsed = time.perf_counter() - started
             if record is not None:
-                record.append(PluginResult(impl.plugin, hook, verdict, elapsed, error))
+                record.append(
+                    PluginResult(
+                        impl.plugin, hook, verdict, elapsed, error, header_edits, env_edits
+                    )
+                )
             if verdict is not None and verdict.action.is_terminal:
                 reply = verdict.effective_reply
                 log.info(
@@ -148,24 +194,38 @@ class HookRunner:
                 return verdict
         return None
 
-    async def first_route(self, *, context: str = "", **kwargs: Any) -> Route | None:
+    async def first_route(
+        self, *, context: str = "", record: list[PluginResult] | None = None, **kwargs: Any
+    ) -> Route | None:
         """Call ``filterhost_route`` plugin by plugin; the first Route wins.
 
         Raises :class:`RuntimeError` when a plugin fails, so the caller defers the recipient.
         """
         for impl in self.impls("filterhost_route"):
+            started = time.perf_counter()
+            error: str | None = None
+            result: Any = None
             try:
                 result = await self._call(impl, kwargs)
             except _PluginError as exc:
                 log.error("%s: plugin=%s hook=filterhost_route error=%r", context, impl.plugin, exc)
-                raise RuntimeError(f"routing plugin {impl.plugin} failed: {exc}") from None
-            if result is None:
-                continue
-            if not isinstance(result, Route):
-                raise RuntimeError(
-                    f"routing plugin {impl.plugin} returned {type(result).__name__}, not a Route"
+                error = f"routing plugin {impl.plugin} failed: {exc}"
+            else:
+                if result is not None and not isinstance(result, Route):
+                    error = (
+                        f"routing plugin {impl.plugin} returned {type(result).__name__}, "
+                        "not a Route"
+                    )
+            if record is not None:
+                route = result if error is None else None
+                elapsed = time.perf_counter() - started
+                record.append(
+                    PluginResult(impl.plugin, "filterhost_route", None, elapsed, error, route=route)
                 )
-            return result
+            if error is not None:
+                raise RuntimeError(error)
+            if isinstance(result, Route):
+                return result
         return None
 
     async def observe(

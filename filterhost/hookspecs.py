@@ -20,6 +20,11 @@ Call modes, named in each docstring:
 * *chain*: called in order; the first verdict other than CONTINUE ends the chain and decides.
 * *first*: called in order; the first result that is not None wins.
 * *observe*: every plugin is called; results and exceptions are logged, and change nothing.
+* *every plugin*: setup hooks, called once for each plugin.
+
+Each docstring also says what the hook may change ("May change:"), in RFC 2119 words, and when
+it was added. ``docs/plugins.md`` is the guide; ``tests/test_hookspecs_documented.py`` keeps
+this module and the guide in step.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ PROJECT = "filterhost"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-__all__ = ["PIPELINE_HOOKS", "hookimpl", "hookspec"]
+__all__ = ["HOOKS_IN_ORDER", "PIPELINE_HOOKS", "hookimpl", "hookspec"]
 
 # ----------------------------------------------------------------------------------------------
 # Setup hooks: plain pluggy calls, once per (re)configuration.
@@ -52,11 +57,15 @@ def filterhost_add_config(registry: ConfigRegistry) -> None:
     (types, defaults, ``metadata={"help": ...}``) are the keys the operator may set. filterhost
     checks the operator's table against it: unknown keys and wrong types are config errors naming
     file and key. Read the values back in :func:`filterhost_configure` with
-    ``config.plugin_config(MyConfig)``.
+    ``config.plugin_config(MyConfig)``. ``timeout`` and ``on_error`` are reserved keys of every
+    table; do not declare them.
 
-    :param registry: where sections are declared.
+    :param registry: where sections are declared (:class:`filterhost.ConfigRegistry`).
 
-    Call mode: every plugin. ``timeout`` and ``on_error`` are reserved keys of every table.
+    Call mode: every plugin, installed ones too that are not in ``[plugins] order`` (so their
+    tables are still checked). Must be a plain ``def``.
+
+    May change: nothing but ``registry``.
 
     .. versionadded:: 0.1
     """
@@ -66,13 +75,19 @@ def filterhost_add_config(registry: ConfigRegistry) -> None:
 def filterhost_check_config(config: Config) -> list[Problem] | None:
     """Report what is wrong with the plugin's configuration or its environment.
 
-    Used by ``filterhost --check-config`` and at start-up. Return a list of
-    :class:`filterhost.config.Problem` (file, key, message), for example an unreachable scanner;
-    return None or ``[]`` when all is well. Must not change any state.
+    Used by ``filterhost --check-config`` and at start-up, for plugins in ``[plugins] order``.
+    Check what the types cannot say (a value that depends on another, a file that must exist)
+    and what the plugin needs to reach (a scanner, a database).
 
-    :param config: the checked configuration.
+    :param config: the checked configuration; your section is ``config.plugin_config(MyConfig)``.
+    :return: a list of :class:`filterhost.Problem` (file, key, message; ``severity="warning"``
+        for something that does not stop the server, such as a scanner that is down right now),
+        or None or ``[]`` when all is well. An exception is reported as a problem too.
 
-    Call mode: every plugin; the lists are concatenated.
+    Call mode: every active plugin, in ``[plugins] order``; the lists are concatenated. Must be
+    a plain ``def``.
+
+    May change: nothing. It must not open connections it keeps, nor write files.
 
     .. versionadded:: 0.1
     """
@@ -82,12 +97,15 @@ def filterhost_check_config(config: Config) -> list[Problem] | None:
 def filterhost_configure(config: Config) -> None:
     """Take the configuration: read your typed section with ``config.plugin_config(MyConfig)``.
 
-    Called before serving (and again on reload). Do not open connections here; use
-    :func:`filterhost_startup`.
+    Called before serving, after the configuration passed its checks. Do not open connections
+    here; use :func:`filterhost_startup`.
 
     :param config: the checked configuration.
 
-    Call mode: every plugin.
+    Call mode: every active plugin, in ``[plugins] order``. Must be a plain ``def``; an
+    exception stops the server from starting.
+
+    May change: the plugin's own state.
 
     .. versionadded:: 0.1
     """
@@ -100,10 +118,13 @@ def filterhost_configure(config: Config) -> None:
 
 @hookspec
 def filterhost_startup() -> None:
-    """The server is starting: open pools and connections the plugin needs.
+    """The server is starting: open the pools and connections the plugin needs.
 
-    Call mode: observe, in ``[plugins] order``, before the first client is accepted. An exception
-    is logged with the plugin name.
+    Call mode: observe, in ``[plugins] order``, after :func:`filterhost_configure` and before
+    the first client is accepted. An exception or timeout is logged with the plugin name and
+    the server starts anyway; the plugin's other hooks must cope (their ``on_error`` applies).
+
+    May change: the plugin's own state.
 
     .. versionadded:: 0.1
     """
@@ -113,7 +134,10 @@ def filterhost_startup() -> None:
 def filterhost_shutdown() -> None:
     """The server is stopping: close what :func:`filterhost_startup` opened.
 
-    Call mode: observe, in reverse ``[plugins] order``, after the last session ended.
+    Call mode: observe, in reverse ``[plugins] order``, after the last session ended and the
+    queue runner stopped. An exception or timeout is logged and the server stops anyway.
+
+    May change: the plugin's own state.
 
     .. versionadded:: 0.1
     """
@@ -128,12 +152,15 @@ def filterhost_shutdown() -> None:
 
 @hookspec
 def filterhost_connect(session: Session) -> Verdict | None:
-    """A client connected.
+    """A client connected, before the greeting.
 
     :param session: the new session (``client_ip``, ``trusted``, ``notes``).
-    :return: None to go on; REJECT/TEMPFAIL/DISCONNECT to refuse the connection with that reply.
+    :return: None to go on; REJECT (5xx) or TEMPFAIL (4xx) to greet with that reply and close;
+        DISCONNECT to answer 421 and close. ACCEPT ends the chain and the session goes on.
 
-    Call mode: chain. May write ``session.notes``.
+    Call mode: chain, in ``[plugins] order``.
+
+    May change: ``session.notes``. Must not change the other fields of ``session``.
 
     .. versionadded:: 0.1
     """
@@ -143,11 +170,15 @@ def filterhost_connect(session: Session) -> Verdict | None:
 def filterhost_helo(session: Session, name: str) -> Verdict | None:
     """The client said HELO or EHLO.
 
-    :param session: the session; ``session.helo`` is already set to ``name``.
+    :param session: the session; ``session.helo`` is already ``name`` and ``session.esmtp``
+        says whether it was EHLO.
     :param name: the name the client gave.
-    :return: None to go on; REJECT or TEMPFAIL to refuse the greeting.
+    :return: None to go on; REJECT or TEMPFAIL to refuse the greeting (the client may try
+        again); DISCONNECT to answer 421 and close.
 
-    Call mode: chain.
+    Call mode: chain, in ``[plugins] order``; called again for every HELO/EHLO of the session.
+
+    May change: ``session.notes``.
 
     .. versionadded:: 0.1
     """
@@ -155,14 +186,17 @@ def filterhost_helo(session: Session, name: str) -> Verdict | None:
 
 @hookspec
 def filterhost_mail(session: Session, sender: str, options: list[str]) -> Verdict | None:
-    """MAIL FROM, after core checks (size, syntax).
+    """MAIL FROM, after the core checks (size, syntax).
 
     :param session: the session.
     :param sender: the envelope sender without brackets; ``""`` is the null sender.
     :param options: ESMTP parameters as given (``["SIZE=1000", "BODY=8BITMIME"]``).
-    :return: None to go on; REJECT or TEMPFAIL to refuse the sender.
+    :return: None to go on; REJECT or TEMPFAIL to refuse the sender; DISCONNECT to answer 421
+        and close.
 
-    Call mode: chain.
+    Call mode: chain, in ``[plugins] order``; once per transaction.
+
+    May change: ``session.notes``. The sender itself is changed in :func:`filterhost_message`.
 
     .. versionadded:: 0.1
     """
@@ -175,15 +209,17 @@ def filterhost_rcpt(
     """RCPT TO, once per recipient, before the relay policy decides.
 
     :param session: the session.
-    :param sender: the envelope sender of this transaction.
+    :param sender: the envelope sender of this transaction (``""``: the null sender).
     :param recipient: the recipient address without brackets.
-    :param options: ESMTP parameters of this RCPT.
+    :param options: ESMTP parameters of this RCPT (``["NOTIFY=FAILURE"]``).
     :return: None to leave the decision to the relay policy (``mynetworks``, ``relay_domains``);
-        REJECT or TEMPFAIL to refuse this recipient; ACCEPT to accept it even where the relay
-        policy would refuse it. An ACCEPT makes your plugin responsible for not creating an
-        open relay.
+        REJECT or TEMPFAIL to refuse this recipient (the others are not affected); DISCONNECT to
+        answer 421 and close; ACCEPT to accept it even where the relay policy would refuse it.
+        An ACCEPT makes your plugin responsible for not creating an open relay.
 
-    Call mode: chain.
+    Call mode: chain, in ``[plugins] order``, for each recipient.
+
+    May change: ``session.notes``.
 
     .. versionadded:: 0.1
     """
@@ -198,13 +234,27 @@ def filterhost_rcpt(
 def filterhost_message(transaction: Transaction) -> Verdict | None:
     """The whole message has arrived: scan it, rewrite it, decide about it.
 
-    :param transaction: envelope (``mail_from``, ``recipients``), ``message`` (headers editable,
-        body readable), ``session`` and ``notes``.
-    :return: None to go on; REJECT (5xx) or TEMPFAIL (4xx) to refuse the message in-session;
-        DISCARD or QUARANTINE to answer 250 and not relay it; ACCEPT to skip the rest of the chain.
+    The client waits for the answer, so the verdict is the reply to DATA: a refused message
+    is never accepted (no backscatter). filterhost's own ``Received`` field is already at the
+    top of the header.
 
-    Call mode: chain, in ``[plugins] order``. May edit headers (``transaction.message``) and the
-    envelope recipients; must not edit the body bytes. The verdict becomes the DATA reply.
+    :param transaction: the envelope (``mail_from``, ``recipients``), the ``message`` (headers
+        editable; body and MIME parts readable: ``text()``, ``parts()``, ``attachments()``),
+        the ``session`` and per-message ``notes``.
+    :return: None to go on; REJECT (5xx) or TEMPFAIL (4xx) to refuse the message in-session;
+        DISCARD to answer 250 and drop it (logged); QUARANTINE to answer 250 and keep it aside,
+        unrelayed, until an operator releases it; ACCEPT to skip the rest of the chain and queue
+        it; DISCONNECT to answer 421 and close.
+
+    Call mode: chain, in ``[plugins] order``. Each plugin's edits are recorded in
+    ``transaction.results``; if the plugin fails (exception, timeout, invalid verdict) its
+    edits are undone and its ``on_error`` policy decides.
+
+    May change: header fields (``transaction.message.add_header()``, ``replace_header()``,
+    ``remove_header()``), the envelope sender (``transaction.set_sender()``) and recipients
+    (``add_recipient()``, ``remove_recipient()``), and ``transaction.notes``. Must not change
+    the body: it leaves byte for byte as received. A message left with no recipients is
+    answered 250 and dropped.
 
     .. versionadded:: 0.1
     """
@@ -217,14 +267,24 @@ def filterhost_message(transaction: Transaction) -> Verdict | None:
 
 @hookspec
 def filterhost_route(transaction: Transaction, recipient: str) -> Route | None:
-    """Choose the next hop for ``recipient``.
+    """Choose the next hop for ``recipient``, at each delivery attempt.
 
-    :param transaction: the spooled message (read only).
-    :param recipient: one envelope recipient.
-    :return: a :class:`filterhost.Route` (MX of a domain, a host and port, the smart host, hold,
-        discard, reject), or None to leave it to the next plugin and then to ``[relay] mode``.
+    Runs in the queue runner, possibly after a restart: ``transaction`` is rebuilt from the
+    spool (the message as accepted, the envelope, the client's address and HELO in
+    ``transaction.session``), and its ``notes`` are empty. Carry decisions from the message
+    phase in a header if routing needs them.
 
-    Call mode: first. An exception or timeout defers the recipient (it is retried).
+    :param transaction: the spooled message.
+    :param recipient: one envelope recipient that is due for delivery.
+    :return: a :class:`filterhost.Route`: ``Route.mx(domain)``, ``Route.host(host, port)``,
+        ``Route.smarthost()``, ``Route.hold()``, ``Route.discard()`` or
+        ``Route.reject(status, text)``; or None to leave it to the next plugin and then to
+        ``[relay] mode``.
+
+    Call mode: first, in ``[plugins] order``: the first Route wins. An exception, a timeout or
+    a result that is not a Route defers the recipient (it is tried again later).
+
+    May change: nothing; the message and envelope are read only here.
 
     .. versionadded:: 0.1
     """
@@ -237,9 +297,16 @@ def filterhost_route(transaction: Transaction, recipient: str) -> Route | None:
 
 @hookspec
 def filterhost_delivered(transaction: Transaction, recipient: str, reply: Reply) -> None:
-    """``recipient`` was accepted by the next hop with ``reply``.
+    """``recipient`` was accepted by the next hop.
 
-    Call mode: observe. An exception is logged and changes nothing.
+    :param transaction: the spooled message (notes empty, as for the route hook).
+    :param recipient: the recipient that was delivered.
+    :param reply: the next hop's 2xx reply.
+
+    Call mode: observe, in ``[plugins] order``. An exception or timeout is logged and changes
+    nothing: the recipient is delivered.
+
+    May change: nothing.
 
     .. versionadded:: 0.1
     """
@@ -247,9 +314,16 @@ def filterhost_delivered(transaction: Transaction, recipient: str, reply: Reply)
 
 @hookspec
 def filterhost_deferred(transaction: Transaction, recipient: str, reply: Reply) -> None:
-    """Delivery to ``recipient`` failed for now (``reply``: the 4xx or the local reason).
+    """Delivery to ``recipient`` failed for now; it will be tried again.
 
-    Call mode: observe. An exception is logged and changes nothing.
+    :param transaction: the spooled message (notes empty, as for the route hook).
+    :param recipient: the recipient that was deferred.
+    :param reply: the next hop's 4xx, or the local reason (DNS, connection, routing) as a 4xx.
+
+    Call mode: observe, in ``[plugins] order``. An exception or timeout is logged and changes
+    nothing.
+
+    May change: nothing.
 
     .. versionadded:: 0.1
     """
@@ -257,27 +331,43 @@ def filterhost_deferred(transaction: Transaction, recipient: str, reply: Reply) 
 
 @hookspec
 def filterhost_bounced(transaction: Transaction, recipient: str, reply: Reply) -> None:
-    """Delivery to ``recipient`` failed for good (``reply``: the 5xx or the local reason).
+    """Delivery to ``recipient`` failed for good; it is not tried again.
 
-    Call mode: observe. An exception is logged and changes nothing.
+    :param transaction: the spooled message (notes empty, as for the route hook).
+    :param recipient: the recipient that bounced.
+    :param reply: the next hop's 5xx, or the local reason (null MX, no such domain, expired,
+        rejected by routing) as a 5xx.
+
+    Call mode: observe, in ``[plugins] order``. An exception or timeout is logged and changes
+    nothing.
+
+    May change: nothing.
 
     .. versionadded:: 0.1
     """
 
 
-# Hooks that filterhost's own runner calls (they may be async); the rest go through pluggy.
-PIPELINE_HOOKS = frozenset(
-    {
-        "filterhost_startup",
-        "filterhost_shutdown",
-        "filterhost_connect",
-        "filterhost_helo",
-        "filterhost_mail",
-        "filterhost_rcpt",
-        "filterhost_message",
-        "filterhost_route",
-        "filterhost_delivered",
-        "filterhost_deferred",
-        "filterhost_bounced",
-    }
+HOOKS_IN_ORDER = (
+    "filterhost_add_config",
+    "filterhost_check_config",
+    "filterhost_configure",
+    "filterhost_startup",
+    "filterhost_connect",
+    "filterhost_helo",
+    "filterhost_mail",
+    "filterhost_rcpt",
+    "filterhost_message",
+    "filterhost_route",
+    "filterhost_delivered",
+    "filterhost_deferred",
+    "filterhost_bounced",
+    "filterhost_shutdown",
 )
+"""Every hook, in the order a message meets them (setup first, shutdown last)."""
+
+# Hooks that filterhost's own runner calls (they may be async); the rest go through pluggy.
+PIPELINE_HOOKS = frozenset(HOOKS_IN_ORDER) - {
+    "filterhost_add_config",
+    "filterhost_check_config",
+    "filterhost_configure",
+}

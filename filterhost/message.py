@@ -1,9 +1,13 @@
-"""The message as plugins see it: raw bytes with an editable header block.
+"""The message as plugins see it: raw bytes with an editable header block and a MIME view.
 
 A message is kept as the bytes the client sent. Header fields are split out (each with its own raw
 bytes, continuation lines included) so that a plugin can add, remove or replace a header without
 the rest of the message being re-serialised: what a plugin did not touch leaves byte for byte as it
 came in (DESIGN.md section 2, "Bytes are preserved").
+
+The body and its MIME parts are read-only and parsed only when a plugin first asks
+(:meth:`Message.text`, :meth:`Message.parts`, :meth:`Message.attachments`), so a chain of
+header-only plugins never pays for a MIME parse.
 """
 
 from __future__ import annotations
@@ -13,20 +17,26 @@ import email.header
 import email.parser
 import email.policy
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
+from email.message import Message as _EmailMessage
+from typing import Literal
 
-__all__ = ["HeaderEdit", "Message"]
+__all__ = ["HeaderEdit", "Message", "Part"]
 
 _CRLF = b"\r\n"
 
 
 @dataclass(frozen=True, slots=True)
 class HeaderEdit:
-    """One header change, recorded for the trace: ``op`` is ``add``, ``remove`` or ``replace``."""
+    """One header change, recorded for the trace.
 
-    op: str
+    ``op`` is ``"add"`` (``value`` added at the top or bottom), ``"remove"`` (every field
+    ``name``; ``value`` is ``""``) or ``"replace"``.
+    """
+
+    op: Literal["add", "remove", "replace"]
     name: str
     value: str
 
@@ -36,17 +46,21 @@ def _field_name(raw: bytes) -> str:
     return name.decode("ascii", "replace").strip()
 
 
-def _field_value(raw: bytes) -> str:
-    _, _, value = raw.partition(b":")
-    # Unfold (RFC 5322 2.2.3): a CRLF followed by white space is not part of the value.
-    text = value.decode("utf-8", "surrogateescape").replace("\r\n", "").replace("\n", "")
-    text = text.strip()
+def _decoded_words(text: str) -> str:
+    """``text`` with RFC 2047 encoded words decoded; as it was when they are malformed."""
     if "=?" not in text:
         return text
     try:
         return str(email.header.make_header(email.header.decode_header(text)))
     except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
         return text
+
+
+def _field_value(raw: bytes) -> str:
+    _, _, value = raw.partition(b":")
+    # Unfold (RFC 5322 2.2.3): a CRLF followed by white space is not part of the value.
+    text = value.decode("utf-8", "surrogateescape").replace("\r\n", "").replace("\n", "")
+    return _decoded_words(text.strip())
 
 
 _FIELD_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 2.2: printable ASCII except ":"
@@ -83,6 +97,128 @@ def _encode_field(name: str, value: str) -> bytes:
     return f"{name}: {encoded}".encode("ascii") + _CRLF
 
 
+class Part:
+    """One MIME part of a message, read-only: its type, file name and decoded content.
+
+    Leaf parts (``text/plain``, ``application/pdf``, ...) and attached messages
+    (``message/rfc822``) are parts; ``multipart/*`` containers are not. Nothing here raises on
+    malformed MIME: a value that cannot be read is ``None`` (or empty).
+    """
+
+    __slots__ = ("_part", "nested")
+
+    def __init__(self, part: _EmailMessage, *, nested: bool = False) -> None:
+        self._part = part
+        self.nested = nested
+        """True for the parts of an attached message: they are that message's text and
+        files, not this one's (:meth:`Message.text` skips them; attachments include them)."""
+
+    def __repr__(self) -> str:
+        return f"Part({self.content_type!r}, filename={self.filename!r})"
+
+    @property
+    def content_type(self) -> str:
+        """The MIME type in lower case, such as ``"application/pdf"`` (RFC 2045 defaults)."""
+        return self._part.get_content_type()
+
+    @property
+    def filename(self) -> str | None:
+        """The file name, decoded (RFC 2231 parameters and RFC 2047 words), or None.
+
+        Taken from ``Content-Disposition: ...; filename=`` or else ``Content-Type: ...; name=``,
+        as mail clients do. It is what the sender claims: never use it as a path.
+        """
+        try:
+            name = self._part.get_filename()  # falls back to Content-Type's name itself
+        except (ValueError, LookupError, UnicodeError, email.errors.MessageError):
+            return None
+        if not isinstance(name, str):
+            return None
+        return _decoded_words(name).strip() or None
+
+    @property
+    def disposition(self) -> str | None:
+        """``"attachment"``, ``"inline"`` or None, from ``Content-Disposition``."""
+        try:
+            return self._part.get_content_disposition()
+        except (ValueError, LookupError, email.errors.MessageError):
+            return None
+
+    @property
+    def charset(self) -> str | None:
+        """The ``charset`` parameter in lower case, or None."""
+        try:
+            return self._part.get_content_charset()
+        except (ValueError, LookupError, email.errors.MessageError):
+            return None
+
+    @property
+    def is_attachment(self) -> bool:
+        """True when the part is a file: ``Content-Disposition: attachment`` or a file name.
+
+        Inline parts with a file name count too: a mail client lets the reader open them.
+        """
+        return self.disposition == "attachment" or self.filename is not None
+
+    def content(self) -> bytes:
+        """The content with its transfer encoding (base64, quoted-printable) undone.
+
+        For an attached message (or another ``message/*`` part), its bytes as the parser
+        holds them, which may differ from the received bytes in line endings.
+        """
+        if self._part.is_multipart():
+            inner = self._part.get_payload()
+            if not isinstance(inner, list):
+                return b""
+            return b"\n".join(bytes(m.as_bytes()) for m in inner if isinstance(m, _EmailMessage))
+        try:
+            data = self._part.get_payload(decode=True)
+        except (ValueError, LookupError, email.errors.MessageError):
+            return b""
+        return data if isinstance(data, bytes) else b""
+
+    def text(self) -> str:
+        """The content as text: decoded with its charset (UTF-8 when unknown), never raising.
+
+        Line ends are newlines, as Python text has them (the message itself keeps its CRLF).
+        """
+        data = self.content()
+        charset = self.charset or "utf-8"
+        try:
+            text = data.decode(charset, "replace")
+        except LookupError:
+            text = data.decode("utf-8", "replace")
+        return text.replace("\r\n", "\n")
+
+
+# Attached messages whose own parts are walked too (RFC 2046 5.2.1, RFC 6532 3.7).
+_ENCAPSULATED = frozenset({"message/rfc822", "message/global"})
+
+
+def _walk(part: _EmailMessage, nested: bool) -> Iterator[Part]:
+    content_type = part.get_content_type()
+    if part.get_content_maintype() == "message" or not part.is_multipart():
+        yield Part(part, nested=nested)
+        if content_type not in _ENCAPSULATED or not part.is_multipart():
+            return
+        nested = True
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        for inner in payload:
+            if isinstance(inner, _EmailMessage):
+                yield from _walk(inner, nested)
+
+
+def _suffixes(suffix: str | Iterable[str]) -> tuple[str, ...]:
+    items = (suffix,) if isinstance(suffix, str) else tuple(suffix)
+    return tuple(s.lower() for s in items)
+
+
+def _normalised_filename(name: str) -> str:
+    # Windows drops trailing dots and spaces: "setup.exe. " runs as setup.exe.
+    return name.strip().rstrip(". ").lower()
+
+
 class Message:
     """An RFC 5322 message: editable header fields over the original bytes.
 
@@ -101,7 +237,9 @@ class Message:
             head, self._separator, self._body = raw[: end + 2], _CRLF, raw[end + 4 :]
         self._fields: list[bytes] = self._split_fields(head)
         self.edits: list[HeaderEdit] = []
+        """Every header edit made so far, in order."""
         self._parsed: EmailMessage | None = None
+        self._parts: list[Part] | None = None
 
     @staticmethod
     def _split_fields(head: bytes) -> list[bytes]:
@@ -158,6 +296,54 @@ class Message:
             self._parsed = parser.parsebytes(self.as_bytes())
         return self._parsed
 
+    def parts(self) -> list[Part]:
+        """Every MIME part, top to bottom, attached messages and their parts included.
+
+        A message that is not multipart has one part: its body. Parsed on first use.
+        """
+        if self._parts is None:
+            parsed = self.parsed()
+            self._parts = list(_walk(parsed, False)) if parsed.is_multipart() else [Part(parsed)]
+        return list(self._parts)
+
+    def attachments(self) -> list[Part]:
+        """The parts that are files (see :attr:`Part.is_attachment`), nested ones included."""
+        return [p for p in self.parts() if p.is_attachment]
+
+    def has_attachment(
+        self, *, suffix: str | Iterable[str] = (), content_type: str | Iterable[str] = ()
+    ) -> bool:
+        """True when an attachment's file name ends with ``suffix`` or its type is ``content_type``.
+
+        Both compare case-insensitively; give one value or several. The file name is compared
+        the way Windows opens it (trailing dots and spaces dropped), so ``"setup.exe."`` matches
+        ``".exe"``. With neither argument: True when there is any attachment.
+        """
+        suffixes = _suffixes(suffix)
+        types = _suffixes(content_type)
+        for part in self.attachments():
+            if not suffixes and not types:
+                return True
+            name = part.filename
+            if suffixes and name is not None and _normalised_filename(name).endswith(suffixes):
+                return True
+            if types and part.content_type in types:
+                return True
+        return False
+
+    def text(self, subtype: str = "plain") -> str:
+        """The readable text: the first ``text/<subtype>`` part that is not an attachment.
+
+        Decoded (transfer encoding and charset); ``""`` when there is none. Use
+        ``text("html")`` for the HTML version. Parts of an attached (forwarded) message are
+        not this message's text.
+        """
+        wanted = f"text/{subtype.lower()}"
+        for part in self.parts():
+            if part.content_type == wanted and not part.is_attachment and not part.nested:
+                return part.text()
+        return ""
+
     def as_bytes(self) -> bytes:
         """The message as it will be stored and relayed."""
         return b"".join(self._fields) + self._separator + self._body
@@ -173,11 +359,20 @@ class Message:
             self._fields.append(field)
         self._changed(HeaderEdit("add", name, value))
 
-    def remove_header(self, name: str) -> int:
-        """Remove every field named ``name``; returns how many were removed."""
+    def remove_header(self, name: str, *, where: Callable[[str], bool] | None = None) -> int:
+        """Remove every field named ``name``; returns how many were removed.
+
+        With ``where``, only the fields whose value (unfolded and decoded, as :meth:`get_all`
+        returns it) makes ``where(value)`` true are removed; the others keep their bytes and
+        places, e.g. ``remove_header("Received", where=lambda v: "[10." in v)``.
+        """
         key = name.lower()
         before = len(self._fields)
-        self._fields = [f for f in self._fields if _field_name(f).lower() != key]
+        self._fields = [
+            f
+            for f in self._fields
+            if _field_name(f).lower() != key or (where is not None and not where(_field_value(f)))
+        ]
         removed = before - len(self._fields)
         if removed:
             self._changed(HeaderEdit("remove", name, ""))
@@ -204,6 +399,19 @@ class Message:
         self._fields = out
         self._changed(HeaderEdit("replace", name, value))
 
+    def _checkpoint(self) -> tuple[list[bytes], int]:
+        """The header state now, for :meth:`_rollback` (the runner undoes a failed plugin)."""
+        return list(self._fields), len(self.edits)
+
+    def _rollback(self, checkpoint: tuple[list[bytes], int]) -> None:
+        fields, edits = checkpoint
+        if len(self.edits) != edits or self._fields != fields:
+            self._fields = fields
+            del self.edits[edits:]
+            self._parsed = None
+            self._parts = None
+
     def _changed(self, edit: HeaderEdit) -> None:
         self.edits.append(edit)
         self._parsed = None
+        self._parts = None

@@ -7,6 +7,7 @@ pluggy registers, validates and orders hook implementations; filterhost's own ru
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import inspect
 import logging
@@ -36,16 +37,39 @@ class PluginInfo:
     declared: PluginSettings
 
 
-def _declared_settings(plugin: object) -> PluginSettings:
-    """The timeout and on_error a plugin declares as attributes (defaults: 30 s, tempfail)."""
+def _declared_settings(name: str, plugin: object) -> tuple[PluginSettings, list[Problem]]:
+    """The timeout and on_error a plugin declares as attributes (defaults: 30 s, tempfail).
+
+    A declared value that cannot be used is reported (as a warning: the default applies).
+    """
     default = PluginSettings()
     timeout = getattr(plugin, "timeout", default.timeout)
     on_error = getattr(plugin, "on_error", default.on_error)
+    problems: list[Problem] = []
+    key = f"plugins.{name}"
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        problems.append(
+            Problem(
+                None,
+                key,
+                f"the plugin declares timeout = {timeout!r}, not a positive number of seconds; "
+                f"{default.timeout:g} s applies",
+                severity="warning",
+            )
+        )
         timeout = default.timeout
     if on_error not in ("tempfail", "pass", "reject"):
+        problems.append(
+            Problem(
+                None,
+                key,
+                f"the plugin declares on_error = {on_error!r}, not 'tempfail', 'pass' or "
+                f"'reject'; {default.on_error!r} applies",
+                severity="warning",
+            )
+        )
         on_error = default.on_error
-    return PluginSettings(timeout=float(timeout), on_error=on_error)
+    return PluginSettings(timeout=float(timeout), on_error=on_error), problems
 
 
 class Plugins:
@@ -100,7 +124,9 @@ class Plugins:
                 Problem(None, f"plugins.{name}", f"plugin {name!r} is invalid: {exc}")
             )
             return
-        self.installed[name] = PluginInfo(name, obj, version, source, _declared_settings(obj))
+        settings, problems = _declared_settings(name, obj)
+        self.load_problems.extend(problems)
+        self.installed[name] = PluginInfo(name, obj, version, source, settings)
 
     def registry(self) -> ConfigRegistry:
         """The config sections every installed plugin declares."""
@@ -128,10 +154,7 @@ class Plugins:
                     )
                 )
         problems.extend(self._hook_problems())
-        active = [self.installed[n].plugin for n in config.plugins.order if n in self.installed]
-        for impl in self.pm.hook.filterhost_check_config.get_hookimpls():
-            if impl.plugin not in active:
-                continue
+        for impl in self._active_impls("filterhost_check_config", config):
             try:
                 found = (
                     impl.function(config=config) if "config" in impl.argnames else (impl.function())
@@ -149,18 +172,71 @@ class Plugins:
                 problems.extend(p for p in found if isinstance(p, Problem))
         return problems
 
-    def _hook_problems(self) -> list[Problem]:
+    def _active_impls(self, hook: str, config: Config) -> list[pluggy.HookImpl]:
+        """The implementations of ``hook`` by plugins in ``[plugins] order``, in that order."""
+        rank = {name: i for i, name in enumerate(config.plugins.order) if name in self.installed}
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        return sorted(
+            (i for i in impls if i.plugin_name in rank), key=lambda i: rank[i.plugin_name]
+        )
+
+    def hook_order(self, config: Config) -> list[tuple[str, list[str]]]:
+        """Every hook, in SMTP order, with the active plugins that implement it, in call order.
+
+        What ``filterhost plugins`` prints: the chain as each hook will see it (shutdown runs
+        in reverse). ``filterhost_add_config`` is asked of every installed plugin, active or
+        not, so that an inactive plugin's table is still checked.
+        """
+        out: list[tuple[str, list[str]]] = []
+        for hook in hookspecs.HOOKS_IN_ORDER:
+            if hook == "filterhost_add_config":
+                impls = getattr(self.pm.hook, hook).get_hookimpls()
+                names = sorted(i.plugin_name for i in impls)
+            else:
+                names = [i.plugin_name for i in self._active_impls(hook, config)]
+            if hook == "filterhost_shutdown":
+                names.reverse()
+            out.append((hook, names))
+        return out
+
+    def _unmarked_hooks(self) -> list[Problem]:
+        """Methods named like a hook but not marked ``@hookimpl``: pluggy ignores them silently."""
         problems: list[Problem] = []
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            problems.append(
-                Problem(
-                    None,
-                    f"plugins.{exc.plugin_name if hasattr(exc, 'plugin_name') else '?'}",
-                    f"{exc} (a misspelled hook name? hooks are listed in filterhost.hookspecs)",
+        for name, info in self.installed.items():
+            marked = {caller.name for caller in self.pm.get_hookcallers(info.plugin) or []}
+            for hook in hookspecs.HOOKS_IN_ORDER:
+                if hook in marked or not callable(getattr(info.plugin, hook, None)):
+                    continue
+                problems.append(
+                    Problem(
+                        None,
+                        f"plugins.{name}",
+                        f"{hook} is not marked with @hookimpl, so it would never be called; "
+                        "decorate it with @filterhost.hookimpl",
+                    )
                 )
-            )
+        return problems
+
+    def _hook_problems(self) -> list[Problem]:
+        problems: list[Problem] = self._unmarked_hooks()
+        # pluggy's check_pending() stops at the first unknown hook and names no plugin; this is
+        # the same check, for every plugin, with a suggestion.
+        for hook_name, caller in sorted(vars(self.pm.hook).items()):
+            if hook_name.startswith("_") or caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.optionalhook:
+                    continue
+                close = difflib.get_close_matches(hook_name, hookspecs.HOOKS_IN_ORDER, n=1)
+                hint = f"did you mean {close[0]}?" if close else "is the hook name misspelled?"
+                problems.append(
+                    Problem(
+                        None,
+                        f"plugins.{impl.plugin_name}",
+                        f"{hook_name} is not a filterhost hook ({hint} hooks are listed in "
+                        "filterhost.hookspecs)",
+                    )
+                )
         for hook_name in sorted(hookspecs.PIPELINE_HOOKS):
             caller = getattr(self.pm.hook, hook_name)
             for impl in caller.get_hookimpls():
@@ -176,9 +252,7 @@ class Plugins:
         return problems
 
     def configure(self, config: Config) -> None:
-        """Give every active plugin the configuration (``filterhost_configure``)."""
-        active = {self.installed[n].plugin for n in config.plugins.order if n in self.installed}
-        for impl in self.pm.hook.filterhost_configure.get_hookimpls():
-            if impl.plugin in active:
-                kwargs: dict[str, Any] = {"config": config}
-                impl.function(**{a: kwargs[a] for a in impl.argnames})
+        """Give every active plugin the configuration (``filterhost_configure``), in order."""
+        kwargs: dict[str, Any] = {"config": config}
+        for impl in self._active_impls("filterhost_configure", config):
+            impl.function(**{a: kwargs[a] for a in impl.argnames})

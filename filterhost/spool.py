@@ -66,6 +66,13 @@ class RecipientState:
     next_attempt: float = 0.0
     last_reply: str = ""
     options: list[str] = field(default_factory=list)
+    """ESMTP parameters of this RCPT (DSN: ``NOTIFY=...``, ``ORCPT=...``)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """The latest attempts, oldest first: ``{"at": epoch, "host": ..., "reply": ...}``."""
+    notified: bool = False
+    """True once the sender has been sent the DSN for this recipient's final state."""
+    delay_notified: bool = False
+    """True once the sender has been warned that this recipient is delayed."""
 
     @property
     def done(self) -> bool:
@@ -88,6 +95,8 @@ class SpoolEntry:
     hold: bool = False
     reason: str = ""
     """Why the message is held or quarantined (empty otherwise)."""
+    plugin: str = ""
+    """In the quarantine: the plugin whose verdict put the message there (empty otherwise)."""
     version: int = 1
 
     def to_json(self) -> bytes:
@@ -192,6 +201,21 @@ class Spool:
     async def remove(self, queue_id: str) -> None:
         """Remove a finished message."""
         await self._run(self._remove, queue_id)
+
+    # Synchronous twins of update(), remove() and store() for callers without an event loop
+    # (the queue and quarantine CLI). Same atomic, fsynced writes; the caller holds the lock.
+
+    def write_entry(self, entry: SpoolEntry) -> None:
+        """Durably replace the entry's state, in this thread."""
+        self._write_entry(entry)
+
+    def remove_entry(self, queue_id: str) -> None:
+        """Durably remove ``queue_id`` (entry first, so it is never half queued), in this thread."""
+        self._remove(queue_id)
+
+    def store_entry(self, entry: SpoolEntry, data: bytes) -> None:
+        """Write a new message durably, in this thread (the twin of :meth:`store`)."""
+        self._store(entry, data)
 
     # -- reading ---------------------------------------------------------------------------
 

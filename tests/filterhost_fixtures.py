@@ -41,15 +41,37 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _is_array_of_tables(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def toml_dumps(data: Mapping[str, Any], prefix: str = "") -> str:
-    """A small TOML writer for test configs: nested tables of scalars and lists."""
-    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    """A small TOML writer for test configs: nested tables of scalars and lists.
+
+    A non-empty list of dicts is written as an array of tables (``[[prefix.key]]``).
+    """
+    scalars = [
+        f"{_toml_key(k)} = {_toml_value(v)}"
+        for k, v in data.items()
+        if not isinstance(v, dict) and not _is_array_of_tables(v)
+    ]
     out = []
     if scalars:
         out.append((f"[{prefix}]\n" if prefix else "") + "\n".join(scalars) + "\n")
     for key, value in data.items():
+        name = f"{prefix}.{_toml_key(key)}" if prefix else _toml_key(key)
         if isinstance(value, dict):
-            out.append(toml_dumps(value, f"{prefix}.{key}" if prefix else key))
+            out.append(toml_dumps(value, name))
+        elif _is_array_of_tables(value):
+            for item in value:
+                out.append(
+                    f"[[{name}]]\n"
+                    + "".join(f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in item.items())
+                )
     return "\n".join(out)
 
 

@@ -216,15 +216,17 @@ async def test_discard_answers_250_and_relays_nothing(
     assert b"Subject: second" in got[0].data
 
 
-async def test_quarantine_keeps_the_message_on_hold(tmp_path: Path, dns_server: Dns) -> None:
+async def test_quarantine_keeps_the_message_aside(tmp_path: Path, dns_server: Dns) -> None:
     conf = _conf(tmp_path, dns_server, 25, ["q"])
     plugins = {"q": Recorder("q", [], Verdict.quarantine("suspicious"))}
     async with running_app(tmp_path, conf, plugins) as app:
         reply = await _send(port_of(app))
         assert reply.code == 250
-        (entry,) = list(app.spool.entries())
-    assert entry.hold
-    assert app.spool.read_message(entry.id).endswith(MESSAGE.split(b"\r\n\r\n")[1])
+        assert list(app.spool.entries()) == []  # not in the queue: never delivered
+        quarantine = app.front.quarantine.spool
+        (entry,) = list(quarantine.entries())
+    assert (entry.hold, entry.plugin, entry.reason) == (True, "q", "suspicious")
+    assert quarantine.read_message(entry.id).endswith(MESSAGE.split(b"\r\n\r\n")[1])
 
 
 class Policy:

@@ -83,3 +83,14 @@ async def test_equal_preferences_are_shuffled() -> None:
         dns.stop()
     # Both equal-preference hosts come first sometimes (P(miss) = 2 * 0.5**40).
     assert set(firsts) == {"a.eq.test", "b.eq.test"}
+
+
+async def test_answers_are_cached_for_their_ttl() -> None:
+    dns = start_unbound(["cached.test. 60 IN MX 10 mx1.mx.test."])
+    r = _resolver(dns)
+    try:
+        first = await r.mx_hosts("cached.test")
+    finally:
+        dns.stop()
+    # The server is gone; within the TTL the answer still comes, from the cache.
+    assert await r.mx_hosts("cached.test") == first

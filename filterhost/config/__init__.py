@@ -123,12 +123,15 @@ _CORE_TABLES: dict[str, type[Any]] = {
 }
 
 
-def load_config(directory: Path) -> tuple[Config | None, list[Problem]]:
+def load_config(
+    directory: Path, raw: RawConfig | None = None
+) -> tuple[Config | None, list[Problem]]:
     """Read and check the core part of ``directory``; plugin sections are checked later.
 
+    ``raw`` is already-read data to use instead of the files (the plugin test harness).
     Returns the config (None when a core section is broken) and every problem found.
     """
-    raw: RawConfig = read_conf_dir(directory)
+    raw = raw if raw is not None else read_conf_dir(directory)
     problems = list(raw.problems)
     sections: dict[str, Any] = {}
     for key in raw.data:

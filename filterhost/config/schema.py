@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+TlsPolicy = Literal["none", "may", "encrypt", "verify"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,75 @@ class ServerSection:
     max_message_size: int = field(default=26_214_400, metadata=_help("bytes; advertised as SIZE"))
     max_recipients: int = field(default=1000, metadata=_help("recipients per message"))
     max_hops: int = field(default=50, metadata=_help("Received headers before 554 5.4.6"))
+    # -- TLS and AUTH (issue 6) --
+    tls_cert: str = field(
+        default="", metadata=_help("PEM certificate (chain) file; enables STARTTLS; empty: no TLS")
+    )
+    tls_key: str = field(default="", metadata=_help("PEM private key file of tls_cert"))
+    tls_listen: list[str] = field(
+        default_factory=list,
+        metadata=_help('implicit-TLS listeners ("host:port", such as port 465); need tls_cert'),
+    )
+    require_tls: bool | list[str] = field(
+        default=False,
+        metadata=_help(
+            "refuse mail before STARTTLS: true (every listen address), or a list of "
+            "listen addresses"
+        ),
+    )
+    auth_file: str = field(
+        default="",
+        metadata=_help(
+            'AUTH PLAIN/LOGIN users, "user:argon2-hash" lines (filterhost passwd); '
+            "empty: no AUTH. Offered over TLS only"
+        ),
+    )
+    auth_max_failures: int = field(
+        default=5,
+        metadata=_help(
+            "failed AUTH attempts per client address (IPv6: per /64) within "
+            "auth_failure_window; the last gets 421 4.7.0, later ones 454 4.7.0"
+        ),
+    )
+    auth_failure_window: Duration = field(
+        default=Duration(900),
+        metadata=_help("failures older than this no longer count against a client"),
+    )
+    # -- line endings and limits (issue 6) --
+    line_endings: Literal["reject", "normalize"] = field(
+        default="reject",
+        metadata=_help('bare CR or LF in a message: "reject" (554 5.6.0) or "normalize" (to CRLF)'),
+    )
+    max_connections: int = field(
+        default=100, metadata=_help("sessions at once; past it 421 4.7.0 and close")
+    )
+    max_connections_per_client: int = field(
+        default=50, metadata=_help("sessions at once from one client address; then 421 4.7.0")
+    )
+    max_messages_per_session: int = field(
+        default=1000, metadata=_help("messages in one session; then 421 4.7.0 and close")
+    )
+    max_errors_per_session: int = field(
+        default=20, metadata=_help("4xx/5xx replies in one session; then 421 4.7.0 and close")
+    )
+    max_unknown_commands: int = field(
+        default=5, metadata=_help("unrecognised commands in one session; then 421 and close")
+    )
+    max_junk_commands: int = field(
+        default=100,
+        metadata=_help("NOOP, RSET, VRFY, HELP in one session (they reset the idle timer)"),
+    )
+    max_header_size: int = field(
+        default=102_400, metadata=_help("bytes of message header; past it 552 5.3.4")
+    )
+    idle_timeout: Duration = field(
+        default=Duration(300),
+        metadata=_help("wait for a command or for DATA bytes this long, then 421 4.4.2"),
+    )
+    data_timeout: Duration = field(
+        default=Duration(600),
+        metadata=_help("most time to receive one message's DATA, however it trickles in"),
+    )
 
     def __post_init__(self) -> None:
         if self.hostname and (len(self.hostname) > 253 or not _HOSTNAME.match(self.hostname)):
@@ -115,9 +185,53 @@ class ServerSection:
             ("max_message_size", self.max_message_size),
             ("max_recipients", self.max_recipients),
             ("max_hops", self.max_hops),
+            ("auth_max_failures", self.auth_max_failures),
+            ("max_connections", self.max_connections),
+            ("max_connections_per_client", self.max_connections_per_client),
+            ("max_messages_per_session", self.max_messages_per_session),
+            ("max_errors_per_session", self.max_errors_per_session),
+            ("max_unknown_commands", self.max_unknown_commands),
+            ("max_junk_commands", self.max_junk_commands),
+            ("max_header_size", self.max_header_size),
         ):
             if value < 1:
                 raise SectionError(name, f"must be at least 1, got {value}")
+        for name, seconds in (
+            ("idle_timeout", self.idle_timeout),
+            ("data_timeout", self.data_timeout),
+            ("auth_failure_window", self.auth_failure_window),
+        ):
+            if seconds <= 0:
+                raise SectionError(name, 'must be more than 0, such as "5m"')
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """TLS and AUTH keys that only make sense together."""
+        for item in self.tls_listen:
+            try:
+                parse_host_port(item)
+            except ValueError as exc:
+                raise SectionError("tls_listen", str(exc)) from None
+        both = set(self.listen) & set(self.tls_listen)
+        if both:
+            raise SectionError("tls_listen", f"{sorted(both)[0]} is also in listen")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            missing = "tls_key" if self.tls_cert else "tls_cert"
+            raise SectionError(missing, "tls_cert and tls_key go together: set both or neither")
+        needs_tls = [
+            ("tls_listen", bool(self.tls_listen)),
+            ("require_tls", bool(self.require_tls)),
+            ("auth_file", bool(self.auth_file)),
+        ]
+        for name, used in needs_tls:
+            if used and not self.tls_cert:
+                raise SectionError(name, "needs a certificate: set tls_cert and tls_key")
+        if isinstance(self.require_tls, list):
+            for item in self.require_tls:
+                if item not in self.listen:
+                    raise SectionError(
+                        "require_tls", f"{item!r} is not one of the listen addresses"
+                    )
 
     @property
     def networks(self) -> list[IPNetwork]:
@@ -128,6 +242,17 @@ class ServerSection:
     def listen_addresses(self) -> list[HostPort]:
         """``listen`` parsed."""
         return [parse_host_port(item) for item in self.listen]
+
+    @property
+    def tls_listen_addresses(self) -> list[HostPort]:
+        """``tls_listen`` parsed."""
+        return [parse_host_port(item) for item in self.tls_listen]
+
+    def requires_tls(self, listen: str) -> bool:
+        """Whether the plain listener ``listen`` (an item of ``listen``) requires STARTTLS."""
+        if isinstance(self.require_tls, bool):
+            return self.require_tls
+        return listen in self.require_tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +289,48 @@ class RelaySection:
     max_queue_lifetime: Duration = field(
         default=Duration(5 * 86400), metadata=_help("then undelivered recipients bounce")
     )
+    delay_warning: Duration = field(
+        default=Duration(0),
+        metadata=_help("tell the sender when mail is still queued after this long; 0: never"),
+    )
+    concurrency: int = field(default=100, metadata=_help("delivery attempts in flight at once"))
+    destination_concurrency: int = field(
+        default=20, metadata=_help("connections to one next hop at once")
+    )
+    destination_recipients: int = field(
+        default=50, metadata=_help("recipients per SMTP transaction to one next hop")
+    )
+    connect_timeout: Duration = field(
+        default=Duration(30), metadata=_help("time to connect and get the greeting")
+    )
+    smtp_timeout: Duration = field(
+        default=Duration(300), metadata=_help("time for each SMTP command's reply")
+    )
+    connection_reuse_time: Duration = field(
+        default=Duration(5), metadata=_help("keep an idle connection to a next hop this long")
+    )
+    tls_policy: TlsPolicy = field(
+        default="may", metadata=_help("STARTTLS for MX delivery: none, may, encrypt or verify")
+    )
+    tls_policies: dict[str, TlsPolicy] = field(
+        default_factory=dict,
+        metadata=_help('per destination domain (or ".domain" for subdomains) TLS policy'),
+    )
+    smarthost_tls_policy: TlsPolicy = field(
+        default="verify", metadata=_help("TLS for the smart host: none, may, encrypt, verify")
+    )
+    smarthost_tls: Literal["starttls", "implicit"] = field(
+        default="starttls", metadata=_help('"implicit" for a smart host on port 465')
+    )
+    smarthost_auth_file: str = field(
+        default="", metadata=_help('file with "user:password" for smart host AUTH; empty: none')
+    )
+    tls_ca_file: str = field(
+        default="", metadata=_help("CA certificates for verify; empty: the system's")
+    )
+    bounce_original_max: int = field(
+        default=100_000, metadata=_help("bytes of the original included in a bounce")
+    )
 
     def __post_init__(self) -> None:
         if self.mode == "smarthost" and not self.smarthost:
@@ -183,6 +350,14 @@ class RelaySection:
                     "nameservers",
                     f'{ns!r} must be an IP address ("127.0.0.1" or "127.0.0.1:5353"), not a name',
                 ) from None
+        for name in ("concurrency", "destination_concurrency", "destination_recipients"):
+            if getattr(self, name) < 1:
+                raise SectionError(name, f"must be at least 1, got {getattr(self, name)}")
+        for key in self.tls_policies:
+            if not key or "@" in key:
+                raise SectionError(
+                    "tls_policies", f'{key!r}: keys are domains, such as "example.com"'
+                )
         if not self.retry_schedule:
             raise SectionError("retry_schedule", 'give at least one interval, such as ["5m"]')
 

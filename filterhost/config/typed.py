@@ -3,7 +3,8 @@
 Core sections and plugin sections are both plain frozen dataclasses. Each field's type annotation
 says what the key accepts; ``field(metadata={"help": ...})`` says what it means. Supported types:
 ``str``, ``int``, ``float``, ``bool``, :class:`~filterhost.durations.Duration`, ``Literal[...]``,
-``list[X]`` and ``X | None`` of those.
+``list[X]``, ``dict[str, X]`` and ``X | None`` of those, and nested dataclasses: a dataclass field
+is a TOML table, a ``list[SomeDataclass]`` field an array of tables (``[[plugins.NAME.rules]]``).
 """
 
 from __future__ import annotations
@@ -46,14 +47,20 @@ class Problem:
         return f"{where}{self.key}: {level}{self.message}"
 
 
-def describe_type(tp: Any) -> str:
+def describe_type(tp: Any) -> str:  # noqa: PLR0911 - one answer per kind of type
     """What a value of type ``tp`` looks like, for error messages."""
     origin = get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if _is_table(tp):
+        return f"a table (keys: {', '.join(_init_fields(tp))})"
     if origin is list:
         (inner,) = get_args(tp)
+        if _is_table(inner):
+            return f"an array of tables (keys: {', '.join(_init_fields(inner))})"
         return f"a list of {describe_type(inner)}s" if get_origin(inner) is None else "a list"
+    if origin is dict:
+        return f"a table of {describe_type(get_args(tp)[1])} values"
     if origin in (types.UnionType, typing.Union):
         return " or ".join(describe_type(a) for a in get_args(tp) if a is not type(None))
     if tp is Duration:
@@ -79,6 +86,10 @@ def _coerce(tp: Any, value: Any) -> Any:  # noqa: PLR0911, PLR0912 - one branch 
         if value in get_args(tp):
             return value
         raise ValueError(f"expected {describe_type(tp)}, got {value!r}")
+    if _is_table(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected {describe_type(tp)}, got {value!r}")
+        return _build_table(tp, value)
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"expected {describe_type(tp)}, got {value!r}")
@@ -90,6 +101,17 @@ def _coerce(tp: Any, value: Any) -> Any:  # noqa: PLR0911, PLR0912 - one branch 
             except ValueError as exc:
                 raise ValueError(f"item {i + 1}: {exc}") from None
         return out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected {describe_type(tp)}, got {value!r}")
+        _, inner = get_args(tp)
+        table = {}
+        for key, item in value.items():
+            try:
+                table[str(key)] = _coerce(inner, item)
+            except ValueError as exc:
+                raise ValueError(f"{key!r}: {exc}") from None
+        return table
     if tp is Duration:
         return Duration.parse(value)
     if tp is bool:
@@ -107,6 +129,46 @@ def _coerce(tp: Any, value: Any) -> Any:  # noqa: PLR0911, PLR0912 - one branch 
     else:
         raise TypeError(f"unsupported config type {tp!r}")
     raise ValueError(f"expected {describe_type(tp)}, got {value!r}")
+
+
+def _is_table(tp: Any) -> bool:
+    """True for a dataclass type: a value of it is written as a TOML table."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _init_fields(cls: Any) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _build_table(cls: Any, value: Mapping[str, Any]) -> Any:
+    """An instance of dataclass ``cls`` from a nested table; ValueError names the inner key.
+
+    The same rules as a section (unknown keys and missing required keys are errors, a
+    :class:`SectionError` from ``__post_init__`` names its key), but the first problem is
+    raised, as for any other value: the caller puts it under the key that holds the table
+    (``plugins.headers.rules: item 2: pattern: ...``).
+    """
+    hints = get_type_hints(cls)
+    fields = _init_fields(cls)
+    kwargs: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise ValueError(f"unknown key {key!r} (known keys here: {known})")
+        try:
+            kwargs[key] = _coerce(hints[key], item)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in kwargs:
+            raise ValueError(f"{name}: required key missing: expected {describe_type(hints[name])}")
+    try:
+        return cls(**kwargs)
+    except SectionError as exc:
+        raise ValueError(f"{exc.key}: {exc}") from None
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def build_section(

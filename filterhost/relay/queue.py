@@ -1,10 +1,12 @@
-"""The queue runner: takes spooled messages to their next hops, retries, gives up.
+"""The queue runner: takes spooled messages to their next hops, retries, gives up, reports.
 
 Each pending recipient is routed (routing plugins first, then ``[relay] mode``), recipients with
-the same next hop travel in one SMTP transaction, and each gets its own result: 2xx delivered,
-4xx or a network/DNS failure deferred on ``retry_schedule``, 5xx (or a permanent DNS answer, or
-an expired ``max_queue_lifetime``) bounced. Every change of state is written to the spool before
-the next step, so a crash loses nothing and repeats at most the delivery it interrupted.
+the same next hop travel together (at most ``destination_recipients`` per transaction, at most
+``destination_concurrency`` connections per next hop), and each gets its own result: 2xx
+delivered, 4xx or a network/DNS failure deferred on ``retry_schedule``, 5xx (or a permanent DNS
+answer, or an expired ``max_queue_lifetime``) bounced, with an RFC 3464 DSN to the sender.
+Every change of state is written to the spool before the next step, so a crash loses nothing and
+repeats at most the delivery it interrupted.
 """
 
 from __future__ import annotations
@@ -12,24 +14,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import ipaddress
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from filterhost.config import Config
 from filterhost.dispatch import HookRunner
 from filterhost.message import Message
 from filterhost.model import Route, Session, Transaction
-from filterhost.relay.client import AttemptResult, deliver
+from filterhost.relay.client import (
+    AttemptResult,
+    ConnectionPool,
+    Credentials,
+    Delivery,
+    TlsSettings,
+    deliver,
+)
+from filterhost.relay.dsn import RecipientReport, build_dsn, should_notify
 from filterhost.relay.resolver import DnsFailure, MxHost, Resolver
-from filterhost.spool import RecipientState, Spool, SpoolEntry
+from filterhost.spool import RecipientState, Spool, SpoolEntry, new_queue_id
 from filterhost.verdict import Reply
 
-__all__ = ["QueueRunner", "retry_delay"]
+__all__ = ["QueueRunner", "load_credentials", "retry_delay"]
 
 log = logging.getLogger("filterhost.queue")
+HISTORY = 20  # attempts kept per recipient
 
 
 def retry_delay(schedule: Sequence[float], attempts: int, *, jitter: float = 0.1) -> float:
@@ -41,39 +54,72 @@ def retry_delay(schedule: Sequence[float], attempts: int, *, jitter: float = 0.1
     return base * (1 + random.uniform(0, jitter))  # noqa: S311 - jitter, not crypto
 
 
+def load_credentials(path: str) -> Credentials | None:
+    """``user:password`` from the first non-comment line of ``path`` (None for no path)."""
+    if not path:
+        return None
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            user, sep, password = line.partition(":")
+            if not sep or not user:
+                raise ValueError(f'{path}: expected a line "user:password"')
+            return Credentials(user, password)
+    raise ValueError(f'{path}: no "user:password" line')
+
+
 @dataclass(slots=True)
 class _Hop:
     route: Route
     recipients: list[RecipientState]
 
 
+class _Limiter:
+    """One semaphore per next hop, dropped when nobody uses it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._sems: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: str) -> AsyncIterator[None]:
+        """Hold one of ``key``'s slots for the duration of the ``async with``."""
+        sem, users = self._sems.get(key, (asyncio.Semaphore(self.size), 0))
+        self._sems[key] = (sem, users + 1)
+        try:
+            async with sem:
+                yield
+        finally:
+            sem, users = self._sems[key]
+            if users <= 1:
+                del self._sems[key]
+            else:
+                self._sems[key] = (sem, users - 1)
+
+
 class QueueRunner:
     """Schedules and runs delivery attempts for the spool, in this process."""
 
-    def __init__(
-        self,
-        spool: Spool,
-        config: Config,
-        hooks: HookRunner,
-        resolver: Resolver,
-        *,
-        concurrency: int = 100,
-        connect_timeout: float = 60.0,
-    ) -> None:
+    def __init__(self, spool: Spool, config: Config, hooks: HookRunner, resolver: Resolver) -> None:
+        relay = config.relay
         self.spool = spool
         self.config = config
         self.hooks = hooks
         self.resolver = resolver
-        self.timeout = connect_timeout
+        self.pool = ConnectionPool(relay.connection_reuse_time)
+        self.credentials = load_credentials(relay.smarthost_auth_file)
+        self._hops = _Limiter(relay.destination_concurrency)
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = asyncio.Semaphore(relay.concurrency)
         self._active: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._scan_task: asyncio.Task[None] | None = None
         self.rescan_interval = 60.0
+        self._mtimes: dict[str, int] = {}
+        self._local = {(hp.host, hp.port) for hp in config.server.listen_addresses}
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -94,7 +140,7 @@ class QueueRunner:
         count = self.rescan()
         log.info("queue runner started: %d message(s) in the queue", count)
         self._loop_task = asyncio.create_task(self._run(), name="queue-runner")
-        self._scan_task = asyncio.create_task(self._rescan_periodically(), name="queue-rescan")
+        self._scan_task = asyncio.create_task(self._periodically(), name="queue-rescan")
 
     def rescan(self) -> int:
         """Schedule every queued message this runner does not know yet; returns how many.
@@ -103,23 +149,41 @@ class QueueRunner:
         flushes them, or when another process spooled them.
         """
         count = 0
+        seen: dict[str, int] = {}
         for queue_id in self.spool.queue_ids():
-            if queue_id in self._due or queue_id in self._active:
-                continue
+            if queue_id in self._active:
+                continue  # its attempt in flight reschedules it from what it saves
             try:
+                mtime = self.spool.entry_path(queue_id).stat().st_mtime_ns
+                seen[queue_id] = mtime
+                if self._mtimes.get(queue_id) == mtime and queue_id in self._due:
+                    continue  # unchanged since we scheduled it: no need to read it again
                 entry = self.spool.read_entry(queue_id)
             except (FileNotFoundError, ValueError):
                 continue
             due = entry.next_attempt
-            if due is not None and not entry.hold:
+            if any(r.status == "bounced" and not r.notified for r in entry.recipients):
+                due = 0.0  # bounced by the operator: the sender is still to be told
+            if due is None or entry.hold:
+                continue
+            # A message known already is looked at too: the queue CLI may have made it due
+            # sooner (flush, release) than the time this runner has for it.
+            current = self._due.get(queue_id)
+            if current is None or due < current:
                 self.schedule(entry.id, due)
                 count += 1
+        self._mtimes = seen
         return count
 
-    async def _rescan_periodically(self) -> None:
+    async def _periodically(self) -> None:
+        tick = min(self.rescan_interval, max(self.pool.idle_time, 1.0))
+        last_scan = time.monotonic()
         while True:
-            await asyncio.sleep(self.rescan_interval)
-            self.rescan()
+            await asyncio.sleep(tick)
+            await self.pool.expire()
+            if time.monotonic() - last_scan >= self.rescan_interval:
+                last_scan = time.monotonic()
+                self.rescan()
 
     async def stop(self) -> None:
         """Stop: no new attempts; attempts in flight are cancelled (their messages stay queued)."""
@@ -132,6 +196,7 @@ class QueueRunner:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pool.close()
 
     async def _run(self) -> None:
         while True:
@@ -217,12 +282,10 @@ class QueueRunner:
             hop = hops.setdefault(route.next_hop, _Hop(route, []))
             hop.recipients.append(rcpt)
         if hops:
-            results = await asyncio.gather(
+            await asyncio.gather(
                 *(self._deliver_hop(entry, txn, hop, data) for hop in hops.values())
             )
-            for hop, result in zip(hops.values(), results, strict=True):
-                await self._record(entry, txn, hop, result)
-        await self._save(entry)
+        await self._finish(entry, data)
 
     async def _route(self, txn: Transaction, recipient: str) -> Route:
         route = await self.hooks.first_route(
@@ -234,50 +297,117 @@ class QueueRunner:
             return Route.smarthost()
         return Route.mx(recipient.rpartition("@")[2])
 
+    def _tls_for(self, route: Route) -> TlsSettings:
+        relay = self.config.relay
+        if route.kind == "smarthost":
+            return TlsSettings(
+                relay.smarthost_tls_policy, relay.tls_ca_file, relay.smarthost_tls == "implicit"
+            )
+        name = (route.domain or route.hostname).lower().rstrip(".")
+        policy = relay.tls_policies.get(name)
+        labels = name.split(".")
+        for i in range(1, len(labels)):
+            if policy is not None:
+                break
+            policy = relay.tls_policies.get("." + ".".join(labels[i:]))
+        return TlsSettings(policy or relay.tls_policy, relay.tls_ca_file)
+
+    def _is_local(self, host: MxHost, port: int) -> bool:
+        if host.name.lower().rstrip(".") == self.config.hostname.lower():
+            return True
+        for address in host.addresses:
+            if (address, port) in self._local:
+                return True
+            for local, local_port in self._local:
+                if local_port == port and local in ("0.0.0.0", "::"):  # noqa: S104
+                    with contextlib.suppress(ValueError):
+                        if ipaddress.ip_address(address).is_loopback:
+                            return True
+        return False
+
+    def _without_self(self, domain: str, hosts: list[MxHost], port: int) -> list[MxHost]:
+        """RFC 5321 5.1: drop MX hosts as preferred as this one, or less; none left is a loop."""
+        for i, host in enumerate(hosts):
+            if self._is_local(host, port):
+                kept = [h for h in hosts[:i] if h.preference < host.preference]
+                if not kept:
+                    raise DnsFailure(True, "5.4.6", f"mail for {domain} loops back to myself")
+                return kept
+        return hosts
+
     async def _hosts(self, route: Route) -> tuple[list[MxHost], int]:
         relay = self.config.relay
         if route.kind == "smarthost":
             target = relay.smarthost_address
-            return [MxHost(target.host, 0, await self.resolver.addresses(target.host))], target.port
+            hosts = [MxHost(target.host, 0, await self.resolver.addresses(target.host))]
+            return self._without_self(target.host, hosts, target.port), target.port
         if route.kind == "host":
-            return [
-                MxHost(route.hostname, 0, await self.resolver.addresses(route.hostname))
-            ], route.port
-        return await self.resolver.mx_hosts(route.domain), relay.mx_port
+            addresses = await self.resolver.addresses(route.hostname)
+            hosts = [MxHost(route.hostname, 0, addresses)]
+            return self._without_self(route.hostname, hosts, route.port), route.port
+        hosts = await self.resolver.mx_hosts(route.domain)
+        return self._without_self(route.domain, hosts, relay.mx_port), relay.mx_port
 
     async def _deliver_hop(
         self, entry: SpoolEntry, txn: Transaction, hop: _Hop, data: bytes
-    ) -> AttemptResult:
-        addresses = [r.address for r in hop.recipients]
+    ) -> None:
+        relay = self.config.relay
         try:
             hosts, port = await self._hosts(hop.route)
         except DnsFailure as exc:
-            code = 550 if exc.permanent else 451
-            reply = Reply(code, exc.status, exc.text)
-            return AttemptResult(dict.fromkeys(addresses, reply), hop.route.next_hop, 0.0)
-        return await deliver(
-            hosts,
-            port=port,
-            helo=self.config.hostname,
-            sender=entry.mail_from,
-            recipients=addresses,
-            data=data,
-            timeout=self.timeout,
-        )
+            reply = Reply(550 if exc.permanent else 451, exc.status, exc.text)
+            addresses = [r.address for r in hop.recipients]
+            result = AttemptResult(dict.fromkeys(addresses, reply), hop.route.next_hop, 0.0)
+            await self._record(entry, txn, hop.recipients, result)
+            return
+        size = relay.destination_recipients
+        for start in range(0, len(hop.recipients), size):
+            batch = hop.recipients[start : start + size]
+            delivery = Delivery(
+                sender=entry.mail_from,
+                recipients=[r.address for r in batch],
+                data=data,
+                mail_options=entry.mail_options,
+                rcpt_options={r.address: r.options for r in batch},
+            )
+            async with self._hops.slot(hop.route.next_hop):
+                result = await deliver(
+                    hosts,
+                    delivery,
+                    port=port,
+                    helo=self.config.hostname,
+                    tls=self._tls_for(hop.route),
+                    pool=self.pool,
+                    credentials=self.credentials if hop.route.kind == "smarthost" else None,
+                    connect_timeout=relay.connect_timeout,
+                    timeout=relay.smtp_timeout,
+                )
+            await self._record(entry, txn, batch, result)
 
     async def _record(
-        self, entry: SpoolEntry, txn: Transaction, hop: _Hop, result: AttemptResult
+        self,
+        entry: SpoolEntry,
+        txn: Transaction,
+        recipients: list[RecipientState],
+        result: AttemptResult,
     ) -> None:
-        for rcpt in hop.recipients:
+        now = time.time()
+        for rcpt in recipients:
             reply = result.replies.get(rcpt.address) or Reply(451, "4.3.0", "no reply recorded")
             log.info(
-                "%s: to=<%s> relay=%s delay=%.2f reply=%r",
+                "%s: to=<%s> relay=%s tls=%s conn=%s delay=%.2f reply=%r",
                 entry.id,
                 rcpt.address,
                 result.host,
+                result.tls or "none",
+                "reused" if result.reused else "new",
                 result.seconds,
                 str(reply),
             )
+            rcpt.history = [
+                *rcpt.history[-(HISTORY - 1) :],
+                {"at": round(now, 3), "host": result.host, "reply": str(reply)},
+            ]
             if 200 <= reply.code < 300:
                 rcpt.status = "delivered"
                 rcpt.attempts += 1
@@ -291,6 +421,7 @@ class QueueRunner:
                     reply=reply,
                 )
             elif reply.is_permanent:
+                rcpt.attempts += 1
                 await self._bounce(entry, txn, rcpt, reply)
             else:
                 await self._defer(entry, txn, rcpt, reply)
@@ -327,7 +458,6 @@ class QueueRunner:
     ) -> None:
         rcpt.status = "bounced"
         rcpt.last_reply = str(reply)
-        # DSNs to the sender come with the delivery engine (issue 5); until then, the log says it.
         log.warning("%s: to=<%s> status=bounced reply=%r", entry.id, rcpt.address, str(reply))
         await self.hooks.observe(
             "filterhost_bounced",
@@ -337,11 +467,94 @@ class QueueRunner:
             reply=reply,
         )
 
-    async def _save(self, entry: SpoolEntry) -> None:
+    async def _finish(self, entry: SpoolEntry, data: bytes) -> None:
+        """Send what the sender must be told, then save or remove the entry."""
+        newly_bounced = any(r.status == "bounced" and not r.notified for r in entry.recipients)
+        await self.notify_sender(entry, data)
         due = entry.next_attempt
         if due is None:
+            if entry.mail_from == "" and newly_bounced:
+                # A bounce that cannot be delivered is kept for the operator, never bounced.
+                entry.hold = True
+                entry.reason = "undeliverable bounce"
+                await self.spool.update(entry)
+                log.warning("%s: undeliverable bounce kept on hold", entry.id)
+                return
             await self.spool.remove(entry.id)
             log.info("%s: removed (all recipients done)", entry.id)
             return
         await self.spool.update(entry)
         self.schedule(entry.id, due)
+
+    async def notify_sender(self, entry: SpoolEntry, data: bytes) -> None:
+        """Spool the DSN this entry's state calls for, before that state is saved.
+
+        Failures (once) and, with ``delay_warning``, delays (once) are reported in one RFC 3464
+        message to the envelope sender, as NOTIFY allows; never to the null sender. The DSN is
+        durable before the recipients are marked notified: a crash repeats a DSN, never loses it.
+        """
+        relay = self.config.relay
+        now = time.time()
+        reports: list[RecipientReport] = []
+        marks: list[tuple[RecipientState, str]] = []
+        for rcpt in entry.recipients:
+            remote = rcpt.history[-1]["host"].partition("[")[0] if rcpt.history else None
+            if rcpt.status == "bounced" and not rcpt.notified:
+                marks.append((rcpt, "notified"))
+                if should_notify(entry, rcpt, "failed"):
+                    reports.append(
+                        RecipientReport.from_state(
+                            rcpt, "failed", remote_mta=remote, last_attempt=now
+                        )
+                    )
+            elif (
+                relay.delay_warning > 0
+                and rcpt.status == "pending"
+                and not rcpt.delay_notified
+                and now - entry.received >= relay.delay_warning
+            ):
+                marks.append((rcpt, "delay_notified"))
+                if should_notify(entry, rcpt, "delayed"):
+                    reports.append(
+                        RecipientReport.from_state(
+                            rcpt,
+                            "delayed",
+                            remote_mta=remote,
+                            last_attempt=now,
+                            will_retry_until=entry.received + relay.max_queue_lifetime,
+                        )
+                    )
+        if reports:
+            dsn = build_dsn(
+                entry=entry,
+                original=data,
+                reports=reports,
+                reporting_mta=self.config.hostname,
+                now=now,
+                max_original=relay.bounce_original_max,
+            )
+            notice = SpoolEntry(
+                id=new_queue_id(),
+                mail_from="",
+                recipients=[RecipientState(entry.mail_from)],
+                received=now,
+                size=len(dsn),
+                helo=self.config.hostname,
+                mail_options=[] if dsn.isascii() else ["BODY=8BITMIME"],
+            )
+            await self.spool.store(notice, dsn)
+            kinds = sorted({r.action for r in reports})
+            log.info(
+                "%s: sender notified (%s) to=<%s> dsn=%s",
+                entry.id,
+                "+".join(kinds),
+                entry.mail_from,
+                notice.id,
+            )
+            self.schedule(notice.id, 0.0)
+        elif marks and not entry.mail_from:
+            log.info(
+                "%s: no notification: the sender is null (a bounce is never bounced)", entry.id
+            )
+        for rcpt, flag in marks:
+            setattr(rcpt, flag, True)

@@ -65,6 +65,9 @@ class Resolver:
             self._resolver = dns.asyncresolver.Resolver()
         self._resolver.timeout = timeout
         self._resolver.lifetime = lifetime
+        # Answers (negative ones included) are kept for their TTL: a queue of thousands of
+        # messages to one domain asks DNS once per TTL, not once per attempt.
+        self._resolver.cache = dns.resolver.LRUCache(max_size=10_000)
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """The answer, None for "no such record" (NoAnswer); DnsFailure for the rest."""

@@ -10,25 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from filterhost.verdict import Reply
 
-__all__ = ["DataResult", "check_content", "read_data"]
+__all__ = ["DataResult", "check_content", "decode_body", "header_size", "read_data"]
 
 _END = b"\r\n.\r\n"
 _BLOCK = 256 * 1024
 # A bare CR, a bare LF, or a NUL: anything but CRLF line ends smuggles or corrupts.
 _BAD_BYTES = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# For line_endings = "normalize": every line end (CRLF, bare CR, bare LF) becomes CRLF.
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 # RFC 5321 4.5.3.1.6: a line is at most 1000 octets with its CRLF.
-_LONG_LINE = re.compile(rb"[^\r\n]{999}")
+_MAX_LINE = 998  # octets before the CRLF
 
 
 @dataclass(slots=True)
 class DataResult:
-    """The message (unstuffed, CRLF line ends) or why it was not kept, and its size on the wire."""
+    """The message as sent (still dot-stuffed) or None when too big, and its size on the wire.
 
-    content: bytes | None
+    ``raw`` ends with the CRLF before the final dot; :func:`decode_body` turns it into the
+    message.
+    """
+
+    raw: bytes | None
     size: int
     too_big: bool = False
 
@@ -40,9 +49,12 @@ def _push_back(reader: asyncio.StreamReader, data: bytes) -> None:
         reader._buffer[0:0] = data  # type: ignore[attr-defined]
 
 
-async def read_data(reader: asyncio.StreamReader, limit: int) -> DataResult:
+async def read_data(
+    reader: asyncio.StreamReader, limit: int, on_chunk: Callable[[], None] | None = None
+) -> DataResult:
     """Read up to ``CRLF.CRLF``; keep at most ``limit`` bytes, but always read to the end.
 
+    ``on_chunk`` is called for each block received (the idle timer counts from the last one).
     Raises :class:`ConnectionResetError` when the stream ends before the end of DATA.
     """
     # A virtual CRLF in front lets a message that is just ".\r\n" match the same pattern.
@@ -54,6 +66,8 @@ async def read_data(reader: asyncio.StreamReader, limit: int) -> DataResult:
         chunk = await reader.read(_BLOCK)
         if not chunk:
             raise ConnectionResetError("connection closed during DATA")
+        if on_chunk is not None:
+            on_chunk()
         buf += chunk
         end = buf.find(_END, scan_from)
         if end >= 0:
@@ -61,11 +75,7 @@ async def read_data(reader: asyncio.StreamReader, limit: int) -> DataResult:
             size += end
             if too_big or end > limit:  # the body is buf[2:end + 2]: ``end`` bytes
                 return DataResult(None, size, too_big=True)
-            body = bytes(buf[2 : end + 2])
-            # Undo dot-stuffing (RFC 5321 4.5.2): one leading dot off every line that has one.
-            if body.startswith(b"."):
-                body = body[1:]
-            return DataResult(body.replace(b"\r\n.", b"\r\n"), size)
+            return DataResult(bytes(buf[2 : end + 2]), size)
         # Keep the last 4 bytes in view: the end marker may straddle two blocks.
         scan_from = max(0, len(buf) - (len(_END) - 1))
         if len(buf) - 2 > limit:
@@ -77,6 +87,30 @@ async def read_data(reader: asyncio.StreamReader, limit: int) -> DataResult:
             scan_from = 0
 
 
+def decode_body(raw: bytes, line_endings: Literal["reject", "normalize"] = "reject") -> bytes:
+    """The message from DATA as sent: line ends normalised (if asked), then dot-unstuffed.
+
+    With ``"normalize"``, bare CR and bare LF become CRLF first, as Postfix 3.9 does, so a line
+    is unstuffed however it ended; with ``"reject"`` they stay for :func:`check_content` to
+    refuse. The end of DATA was found on the raw bytes before this (only ``CRLF.CRLF``), so
+    normalising never ends a message early.
+    """
+    if line_endings == "normalize" and _BARE.search(raw) is not None:
+        raw = _LINE_END.sub(b"\r\n", raw)  # only then: most messages need no rewriting
+    # Undo dot-stuffing (RFC 5321 4.5.2): one leading dot off every line that has one.
+    if raw.startswith(b"."):
+        raw = raw[1:]
+    return raw.replace(b"\r\n.", b"\r\n")
+
+
+def header_size(content: bytes) -> int:
+    """Bytes of the header section: up to and including the CRLF that ends the last field."""
+    if content.startswith(b"\r\n"):
+        return 0
+    end = content.find(b"\r\n\r\n")
+    return len(content) if end < 0 else end + 2
+
+
 def check_content(content: bytes) -> Reply | None:
     """The 5xx reply a message gets for bare CR, bare LF, NUL or an over-long line; else None."""
     bad = _BAD_BYTES.search(content)
@@ -85,6 +119,8 @@ def check_content(content: bytes) -> Reply | None:
         return Reply(
             554, "5.6.0", f"Message contains a {what}; lines must end with CRLF (RFC 5321 2.3.8)"
         )
-    if _LONG_LINE.search(content) is not None:
+    # One split in C: a regex such as [^\r\n]{999} rescans up to 999 bytes at every offset
+    # (~250 ms per MB, measured); this is a few ms per MB.
+    if max(map(len, content.split(b"\r\n")), default=0) > _MAX_LINE:
         return Reply(554, "5.6.0", "Message has a line over 1000 octets (RFC 5321 4.5.3.1.6)")
     return None

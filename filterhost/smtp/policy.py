@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
+from filterhost.smtp.address import canonical_domain
 from filterhost.verdict import Reply
 
 __all__ = ["RELAY_DENIED", "is_trusted", "recipient_allowed"]
@@ -28,12 +29,14 @@ def is_trusted(client_ip: str, networks: Sequence[IPNetwork]) -> bool:
 def recipient_allowed(recipient: str, *, trusted: bool, relay_domains: Sequence[str]) -> bool:
     """May this recipient be accepted? Trusted clients: any; others: ``relay_domains`` only.
 
-    A relay domain matches exactly (case-insensitively); subdomains are not included.
+    A relay domain matches exactly (case-insensitively, IDNA-aware); subdomains are not
+    included, so ``user@relay.test.evil.test`` does not match ``relay.test``. A recipient domain
+    with a trailing dot never matches (the address parser refuses it before this).
     """
     if trusted:
         return True
     local, at, domain = recipient.rpartition("@")
-    if not at or not local:
+    if not at or not local or not domain or domain.endswith("."):
         return False
-    domain = domain.lower()
-    return any(domain == d.lower().rstrip(".") for d in relay_domains)
+    domain = canonical_domain(domain)
+    return any(domain == canonical_domain(d) for d in relay_domains if d.strip("."))

@@ -2,36 +2,73 @@
 
 The only module that imports aiosmtpd, and the only one that turns a :class:`Reply` into
 wire text.
+
+aiosmtpd's protocol class is kept (its STARTTLS, its session and envelope objects), but the
+parts that decide what a byte means are filterhost's own, because aiosmtpd's are too lenient
+for a host on a hostile network:
+
+- the command loop: a command line ends only at CRLF (aiosmtpd's ``readuntil()`` also ends one
+  at a bare LF, a desynchronisation vector); a line with a bare CR or NUL, or over 1000 octets,
+  is refused; limits on errors, unknown and junk commands;
+- MAIL and RCPT: a strict path parser with the relay-hygiene checks
+  (:mod:`filterhost.smtp.address`) and the DSN parameters (:mod:`filterhost.smtp.params`),
+  which aiosmtpd refuses with 555; RCPT parameters are kept per recipient;
+- DATA: read in blocks, ended only by CRLF.CRLF (:mod:`filterhost.smtp.data`), under an idle
+  timeout and an overall deadline;
+- AUTH: PLAIN and LOGIN over TLS only, checked off the event loop, rate limited per client;
+- every reply carries an RFC 3463 code (:mod:`filterhost.smtp.replies`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import email.utils
+import functools
 import itertools
 import logging
 import os
+import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
-from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException, syntax
 from aiosmtpd.smtp import Session as AioSession
 
-from filterhost.config import Config
+from filterhost.config import Config, HostPort
 from filterhost.dispatch import HookRunner
 from filterhost.message import Message
 from filterhost.model import Session, Transaction
-from filterhost.smtp.data import check_content, read_data
+from filterhost.quarantine import Quarantine
+from filterhost.smtp.address import AddressError, check_mailbox, parse_path
+from filterhost.smtp.auth import Credentials, FailureLimiter
+from filterhost.smtp.data import check_content, decode_body, header_size, read_data
+from filterhost.smtp.params import parse_mail_params, parse_rcpt_params
 from filterhost.smtp.policy import RELAY_DENIED, is_trusted, recipient_allowed
+from filterhost.smtp.replies import with_status
+from filterhost.smtp.tls import server_context
 from filterhost.spool import RecipientState, Spool, SpoolEntry, new_queue_id
 from filterhost.verdict import Action, Reply, Verdict
 
-__all__ = ["FrontEnd"]
+__all__ = ["FilterhostSMTP", "FrontEnd", "Handler", "Listener"]
 
 log = logging.getLogger("filterhost.smtp")
 
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, please try again later")
 _session_ids = itertools.count(1)
+
+MAX_LINE = 1000  # octets with the CRLF (RFC 5321 4.5.3.1.6; its 512 for commands is too few
+# for RCPT with a 500-character ORCPT, RFC 3461 4.2)
+ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "STARTTLS", "QUIT"})
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "EXPN"})
+# A web client or proxy scanner talking to the SMTP port: hang up at once (Postfix does too).
+HTTP_COMMANDS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
+MAX_HANDSHAKE = 60.0
 
 
 def wire(reply: Reply) -> str:
@@ -39,8 +76,19 @@ def wire(reply: Reply) -> str:
     return f"{reply.code} {reply.status} {reply.text}"
 
 
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One listening address and how its sessions start."""
+
+    address: HostPort
+    implicit_tls: bool = False
+    """TLS from the first byte (port 465 style); STARTTLS is then not offered."""
+    require_tls: bool = False
+    """Mail only after STARTTLS (530 5.7.0 before it)."""
+
+
 class FrontEnd:
-    """Everything the SMTP sessions share: config, hooks, spool, and where queued mail goes."""
+    """Everything the SMTP sessions share: config, hooks, spool, TLS, AUTH and limits."""
 
     def __init__(
         self,
@@ -49,22 +97,74 @@ class FrontEnd:
         spool: Spool,
         on_queued: Callable[[str], None],
     ) -> None:
+        server = config.server
         self.config = config
         self.hooks = hooks
         self.spool = spool
         self.on_queued = on_queued
-        self.networks = config.server.networks
+        self.networks = server.networks
         self.sessions: set[FilterhostSMTP] = set()
+        self.active = 0
+        """Sessions admitted (the ones ``max_connections`` counts)."""
+        self.clients: Counter[str] = Counter()
+        """Admitted sessions per client address."""
         self.idle = asyncio.Event()
         self.idle.set()
+        self.stopping = False
+        """Set by :meth:`drain`: sessions end after their current transaction."""
+        self.tls_context: ssl.SSLContext | None = (
+            server_context(server.tls_cert, server.tls_key) if server.tls_cert else None
+        )
+        self.credentials = Credentials(Path(server.auth_file)) if server.auth_file else None
+        self.auth_failures = FailureLimiter(
+            server.auth_max_failures, float(server.auth_failure_window)
+        )
+        self.quarantine = Quarantine(spool.directory)
+        """Where QUARANTINE verdicts put messages (opened and closed by the App)."""
         self.handler = Handler(self)
 
-    def protocol(self) -> FilterhostSMTP:
+    def listeners(self) -> list[Listener]:
+        """The configured listeners: ``listen`` (STARTTLS when a certificate is set) first."""
+        server = self.config.server
+        plain = [
+            Listener(address, require_tls=server.requires_tls(item))
+            for item, address in zip(server.listen, server.listen_addresses, strict=True)
+        ]
+        return plain + [Listener(a, implicit_tls=True) for a in server.tls_listen_addresses]
+
+    def protocol(self, listener: Listener | None = None) -> FilterhostSMTP:
         """A new protocol instance for one connection (the ``create_server`` factory)."""
-        return FilterhostSMTP(self)
+        return FilterhostSMTP(self, listener or Listener(HostPort("", 0)))
+
+    async def listen(self, servers: list[asyncio.Server]) -> None:
+        """Open every listener, appending each to ``servers`` as soon as it is open."""
+        loop = asyncio.get_running_loop()
+        handshake = min(MAX_HANDSHAKE, float(self.config.server.idle_timeout))
+        for listener in self.listeners():
+            tls = self.tls_context if listener.implicit_tls else None
+            server = await loop.create_server(
+                functools.partial(self.protocol, listener),
+                listener.address.host,
+                listener.address.port,
+                ssl=tls,
+                ssl_handshake_timeout=handshake if tls is not None else None,
+            )
+            servers.append(server)
+            log.info(
+                "listening on %s%s",
+                listener.address,
+                " (implicit TLS)" if listener.implicit_tls else "",
+            )
 
     async def drain(self, deadline: float) -> None:
-        """Wait until every session has ended, or ``deadline`` seconds; then close the rest."""
+        """Wait until every session has ended, or ``deadline`` seconds; then close the rest.
+
+        Sessions between transactions are told 421 4.3.2 and closed at once; the others may
+        finish the message they are sending, and are closed after it.
+        """
+        self.stopping = True
+        for proto in list(self.sessions):
+            proto.close_if_idle()
         try:
             async with asyncio.timeout(deadline):
                 await self.idle.wait()
@@ -74,11 +174,21 @@ class FrontEnd:
                     proto.transport.close()
 
 
-class FilterhostSMTP(SMTP):
-    """aiosmtpd's SMTP with filterhost's connect phase and a block-reading DATA."""
+class FhEnvelope(Envelope):
+    """aiosmtpd's envelope plus the RCPT parameters of each recipient."""
 
-    def __init__(self, front: FrontEnd) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.rcpt_params: dict[str, list[str]] = {}
+        """Normalised RCPT parameters (NOTIFY, ORCPT) per recipient address."""
+
+
+class FilterhostSMTP(SMTP):
+    """aiosmtpd's SMTP with filterhost's command loop, MAIL, RCPT, DATA and AUTH."""
+
+    def __init__(self, front: FrontEnd, listener: Listener) -> None:
         config = front.config
+        starttls = front.tls_context is not None and not listener.implicit_tls
         super().__init__(
             front.handler,
             data_size_limit=config.server.max_message_size,
@@ -86,57 +196,130 @@ class FilterhostSMTP(SMTP):
             decode_data=False,
             hostname=config.hostname,
             ident="filterhost",
-            timeout=300,
+            timeout=float(config.server.idle_timeout),
+            tls_context=front.tls_context if starttls else None,
         )
         self.front = front
+        self.listener = listener
+        self.limits = config.server
         self.fh: Session | None = None
+        self.refusal: str | None = None
+        self._counted = False
+        self.errors = 0
+        self.unknown = 0
+        self.junk = 0
+        self.messages = 0
+        self.busy = False
+        """True while a command runs (between reading it and replying)."""
+
+    # -- connection life ------------------------------------------------------------------
+
+    def _create_envelope(self) -> FhEnvelope:
+        return FhEnvelope()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """A new connection (or, after STARTTLS, the same one over TLS)."""
         first = self.fh is None
         super().connection_made(transport)
         if first:
-            peer = transport.get_extra_info("peername") or ("", 0)
-            ip = str(peer[0])
-            self.fh = Session(
-                id=f"S{os.getpid()}-{next(_session_ids)}",
-                client_ip=ip,
-                client_port=int(peer[1]) if len(peer) > 1 else 0,
-                trusted=is_trusted(ip, self.front.networks),
-            )
-            self.front.sessions.add(self)
-            self.front.idle.clear()
+            self._admit(transport)
         elif self.fh is not None:
-            self.fh.tls = True  # connection_made again: STARTTLS completed
+            # connection_made again: STARTTLS completed. RFC 3207 4.2: forget what the client
+            # said before (aiosmtpd drops the buffered plaintext and the HELO name).
+            self.fh.tls = True
+            self.fh.helo, self.fh.esmtp = None, False
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                log.info(
+                    "%s: STARTTLS %s %s",
+                    self.fh.id,
+                    ssl_object.version(),
+                    (ssl_object.cipher() or ("?",))[0],
+                )
+
+    def _admit(self, transport: asyncio.BaseTransport) -> None:
+        """Create the session; decide whether the connection limits let it in."""
+        peer = transport.get_extra_info("peername") or ("", 0)
+        ip = str(peer[0])
+        front = self.front
+        self.fh = Session(
+            id=f"S{os.getpid()}-{next(_session_ids)}",
+            client_ip=ip,
+            client_port=int(peer[1]) if len(peer) > 1 else 0,
+            trusted=is_trusted(ip, front.networks),
+            tls=transport.get_extra_info("sslcontext") is not None,
+        )
+        front.sessions.add(self)
+        front.idle.clear()
+        host = self.hostname
+        if front.active >= self.limits.max_connections:
+            self.refusal = f"421 4.7.0 {host} Error: too many connections; try again later"
+        elif front.clients[ip] >= self.limits.max_connections_per_client:
+            self.refusal = (
+                f"421 4.7.0 {host} Error: too many connections from {ip}; try again later"
+            )
+        else:
+            front.active += 1
+            front.clients[ip] += 1
+            self._counted = True
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.front.sessions.discard(self)
-        if not self.front.sessions:
-            self.front.idle.set()
+        """The connection is gone: release its place in the connection limits."""
+        front = self.front
+        if self.fh is not None and self in front.sessions:
+            log.info("%s: disconnect from %s", self.fh.id, self.fh.client_ip)
+        if self._counted:
+            self._counted = False
+            assert self.fh is not None
+            front.active -= 1
+            front.clients[self.fh.client_ip] -= 1
+            if front.clients[self.fh.client_ip] <= 0:
+                del front.clients[self.fh.client_ip]
+        front.sessions.discard(self)
+        if not front.sessions:
+            front.idle.set()
         super().connection_lost(error)
 
-    async def _handle_client(self) -> None:
-        assert self.fh is not None
-        log.info("%s: connect from %s trusted=%s", self.fh.id, self.fh.client_ip, self.fh.trusted)
-        try:
-            verdict = await self.front.hooks.chain(
-                "filterhost_connect", context=self.fh.id, session=self.fh
-            )
-        except Exception:
-            log.exception("%s: internal error in connect phase", self.fh.id)
-            verdict = Verdict(Action.DISCONNECT, Reply(421, "4.3.0", "Internal error"))
-        if verdict is not None and verdict.action in (
-            Action.REJECT,
-            Action.TEMPFAIL,
-            Action.DISCONNECT,
-        ):
-            reply = verdict.effective_reply
-            assert reply is not None
-            # RFC 5321 3.1: a refusing server may greet with 554; we then close.
-            await self.push(wire(reply))
-            if self.transport is not None:
-                self.transport.close()
-            return
-        await super()._handle_client()
+    def _say_and_close(self, line: str) -> None:
+        """Send a last reply and close (buffered data is flushed first)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(line.encode() + b"\r\n")  # type: ignore[attr-defined]
+            transport.close()
+
+    def close_if_idle(self) -> None:
+        """At shutdown: end the session now unless a command or a transaction is under way."""
+        envelope = self.envelope
+        if not self.busy and (envelope is None or not envelope.mail_from):
+            self._say_and_close(f"421 4.3.2 {self.hostname} Service shutting down")
+
+    def _timeout_cb(self) -> None:
+        session = self.fh.id if self.fh is not None else "-"
+        log.info("%s: idle timeout, closing", session)
+        self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
+    # -- replies ----------------------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        """Send one reply line, with an RFC 3463 code; count 4xx/5xx towards the error limit."""
+        if isinstance(status, str):
+            status = with_status(status)
+            # The last line of a 4xx/5xx reply is one error (Postfix smtpd_hard_error_limit);
+            # 421 ends the session anyway, and "too many recipients" is the client's retry cue.
+            if (
+                status[:1] in "45"
+                and status[3:4] != "-"
+                and not status.startswith(("421", "452 4.5.3"))
+            ):
+                self.errors += 1
+            await super().push(status)
+        else:
+            await super().push(status)
+
+    async def _push_raw(self, *lines: str) -> None:
+        """Send lines as they are: the greeting and HELO/EHLO replies (RFC 2034 exempts them)."""
+        self._writer.write(b"".join(line.encode() + b"\r\n" for line in lines))
+        await self._writer.drain()
 
     async def handle_exception(self, error: Exception) -> str:
         """Turn an error of ours into 451 4.3.0, never aiosmtpd's 500 with the exception text.
@@ -147,11 +330,427 @@ class FilterhostSMTP(SMTP):
         log.error("%s: internal error in the SMTP session", session, exc_info=error)
         return wire(INTERNAL_ERROR)
 
-    async def smtp_DATA(self, arg: str) -> None:
+    # -- the command loop -------------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        fh = self.fh
+        assert fh is not None
+        if self.refusal is not None:
+            log.warning("%s: refused %s: %s", fh.id, fh.client_ip, self.refusal.split("Error: ")[1])
+            self._say_and_close(self.refusal)
+            return
+        log.info(
+            "%s: connect from %s trusted=%s%s",
+            fh.id,
+            fh.client_ip,
+            fh.trusted,
+            " tls=implicit" if fh.tls else "",
+        )
+        try:
+            verdict = await self.front.hooks.chain("filterhost_connect", context=fh.id, session=fh)
+        except Exception:
+            log.exception("%s: internal error in connect phase", fh.id)
+            verdict = Verdict(Action.DISCONNECT, Reply(421, "4.3.0", "Internal error"))
+        if verdict is not None and verdict.action in (
+            Action.REJECT,
+            Action.TEMPFAIL,
+            Action.DISCONNECT,
+        ):
+            reply = verdict.effective_reply
+            assert reply is not None
+            # RFC 5321 3.1: a refusing server may greet with 554; we then close.
+            self._say_and_close(wire(reply))
+            return
+        try:
+            await self._push_raw(f"220 {self.hostname} ESMTP filterhost")
+        except ConnectionError:
+            log.info("%s: connection lost before the greeting", fh.id)
+            return
+        await self._command_loop()
+
+    async def _command_loop(self) -> None:
+        assert self.fh is not None
+        while self.transport is not None and not self.transport.is_closing():
+            try:
+                line = await self._read_line()
+                if line is not None:
+                    self.busy = True
+                    try:
+                        await self._dispatch(line)
+                    finally:
+                        self.busy = False
+                if self.front.stopping:
+                    self.close_if_idle()
+                if self.errors >= self.limits.max_errors_per_session:
+                    log.info("%s: too many errors, closing", self.fh.id)
+                    self._say_and_close(f"421 4.7.0 {self.hostname} Error: too many errors")
+            except asyncio.CancelledError:
+                # The connection is gone (aiosmtpd cancels this task on EOF or loss).
+                self._writer.close()
+                raise
+            except ConnectionError:
+                log.info("%s: connection lost", self.fh.id)
+                self._writer.close()
+                return
+            except TLSSetupException as error:
+                log.info("%s: TLS handshake failed: %s", self.fh.id, error.__cause__)
+                if self.transport is not None:
+                    self.transport.close()
+                # The TLS layer never told us the connection was up, so it will not tell us
+                # that it is down either: release the session here (as aiosmtpd does).
+                self.connection_lost(error)
+                return
+            except Exception as error:
+                try:
+                    await self.push(await self.handle_exception(error))
+                except ConnectionError:
+                    return
+
+    async def _read_line(self) -> bytes | None:
+        """One command line without its CRLF; None when it was refused (replied, or closing)."""
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as error:
+            await self._discard_line(error.consumed)
+            await self.push(f"500 5.5.2 Error: line too long (over {MAX_LINE} octets)")
+            return None
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError("connection closed in a command line") from None
+        self._reset_timeout()
+        assert self.fh is not None
+        if not line.endswith(b"\r\n"):
+            # Never a command terminator: if it were, the next bytes would run as a command
+            # that another MTA on the path might have read as part of this one.
+            log.info("%s: bare LF in a command line, closing", self.fh.id)
+            self._say_and_close("500 5.5.2 Error: bare <LF> received; lines must end with <CR><LF>")
+            return None
+        if len(line) > MAX_LINE:
+            await self.push(f"500 5.5.2 Error: line too long (over {MAX_LINE} octets)")
+            return None
+        body = line[:-2]
+        if b"\r" in body or b"\0" in body:
+            await self.push("500 5.5.2 Error: bare <CR> or NUL in a command line")
+            return None
+        return body
+
+    async def _discard_line(self, consumed: int) -> None:
+        """Skip the rest of an over-long line."""
+        await self._reader.read(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as error:
+                await self._reader.read(error.consumed)
+            except asyncio.IncompleteReadError:
+                raise ConnectionResetError("connection closed in an over-long line") from None
+
+    async def _dispatch(self, line: bytes) -> None:
+        assert self.fh is not None
+        command_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            command = command_bytes.decode("ascii").upper()
+        except UnicodeDecodeError:
+            command = ""
+        if not command or not command.isalnum():
+            await self.push("500 5.5.2 Error: bad syntax")
+            return
+        arg_bytes = arg_bytes.strip(b" ")
+        # Arguments may be UTF-8 (SMTPUTF8); invalid bytes survive as surrogates for the
+        # address parser to refuse.
+        arg = arg_bytes.decode("utf-8", "surrogateescape") if arg_bytes else None
+        host = self.hostname
+        if command in HTTP_COMMANDS:
+            log.info("%s: %s command from %s, closing", self.fh.id, command, self.fh.client_ip)
+            self._say_and_close(f"421 4.7.0 {host} Error: this is an SMTP server")
+            return
+        if self.listener.require_tls and not self.fh.tls and command not in ALLOWED_BEFORE_TLS:
+            await self.push("530 5.7.0 Must issue a STARTTLS command first")
+            return
+        method = self._smtp_methods.get(command)
+        if method is None:
+            self.unknown += 1
+            if self.unknown > self.limits.max_unknown_commands:
+                log.info("%s: too many unrecognized commands, closing", self.fh.id)
+                self._say_and_close(f"421 4.7.0 {host} Error: too many unrecognized commands")
+                return
+            await self.push("500 5.5.2 Error: command not recognized")
+            return
+        if command in JUNK_COMMANDS:
+            self.junk += 1
+            if self.junk > self.limits.max_junk_commands:
+                log.info("%s: too many %s and the like, closing", self.fh.id, command)
+                self._say_and_close(f"421 4.7.0 {host} Error: too many {command} commands")
+                return
+        await method(arg)
+
+    # -- commands -----------------------------------------------------------------------
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        """HELO: plain SMTP; no enhanced codes on success (RFC 2034)."""
+        await self._greet(hostname, esmtp=False)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        """EHLO: the extensions this session may use."""
+        await self._greet(hostname, esmtp=True)
+
+    async def _greet(self, hostname: str | None, *, esmtp: bool) -> None:
+        assert self.fh is not None
+        assert self.session is not None
+        verb = "EHLO" if esmtp else "HELO"
+        if not hostname:
+            await self.push(f"501 5.5.4 Syntax: {verb} hostname")
+            return
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.session.extended_smtp = esmtp
+        refused = await self.front.handler.helo(self, hostname, esmtp=esmtp)
+        if refused is not None:
+            await self.push(refused)
+            return
+        self.session.host_name = hostname
+        if not esmtp:
+            await self._push_raw(f"250 {self.hostname}")
+            return
+        features = [
+            "PIPELINING",
+            f"SIZE {self.limits.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+        ]
+        if self.tls_context is not None and not self.fh.tls:
+            features.append("STARTTLS")
+        if self.front.credentials is not None and self.fh.tls:
+            features.append("AUTH PLAIN LOGIN")
+        features.append("HELP")
+        lines = [self.hostname, *features]
+        await self._push_raw(*(f"250-{x}" for x in lines[:-1]), f"250 {lines[-1]}")
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """MAIL FROM: path, parameters (SIZE, BODY, SMTPUTF8, RET, ENVID, AUTH), then policy."""
+        if await self.check_helo_needed():
+            return
+        assert self.fh is not None
+        assert self.session is not None
+        envelope = self.envelope
+        assert isinstance(envelope, FhEnvelope)
+        if envelope.mail_from:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        if self.messages >= self.limits.max_messages_per_session:
+            log.info("%s: message limit of the session reached, closing", self.fh.id)
+            self._say_and_close(
+                f"421 4.7.0 {self.hostname} Error: too many messages in one session; reconnect"
+            )
+            return
+        if not arg or arg[:5].upper() != "FROM:":
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        try:
+            path = parse_path(arg[5:], sender=True)
+            if path.params and not self.session.extended_smtp:
+                raise AddressError(Reply(501, "5.5.4", "MAIL parameters need EHLO"))
+            params = parse_mail_params(path.params, max_size=self.limits.max_message_size)
+        except AddressError as refused:
+            await self.push(wire(refused.reply))
+            return
+        problem = check_mailbox(
+            path.mailbox, sender=True, trusted=self.fh.trusted, smtputf8=params.smtputf8
+        )
+        if problem is not None:
+            await self.push(wire(problem))
+            return
+        status = await self.front.handler.handle_MAIL(
+            self, self.session, envelope, path.address or "<>", params.stored
+        )
+        if status.startswith("2"):
+            envelope.smtp_utf8 = params.smtputf8
+        await self.push(status)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """RCPT TO: path, DSN parameters (NOTIFY, ORCPT) kept per recipient, then policy."""
+        if await self.check_helo_needed():
+            return
+        assert self.fh is not None
+        assert self.session is not None
+        envelope = self.envelope
+        assert isinstance(envelope, FhEnvelope)
+        if not envelope.mail_from:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not arg or arg[:3].upper() != "TO:":
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        try:
+            path = parse_path(arg[3:], sender=False)
+            if path.params and not self.session.extended_smtp:
+                raise AddressError(Reply(501, "5.5.4", "RCPT parameters need EHLO"))
+            options = parse_rcpt_params(path.params, smtputf8=envelope.smtp_utf8)
+        except AddressError as refused:
+            await self.push(wire(refused.reply))
+            return
+        problem = check_mailbox(
+            path.mailbox, sender=False, trusted=self.fh.trusted, smtputf8=envelope.smtp_utf8
+        )
+        if problem is not None:
+            await self.push(wire(problem))
+            return
+        status = await self.front.handler.handle_RCPT(
+            self, self.session, envelope, path.address, options
+        )
+        if status.startswith("2"):
+            envelope.rcpt_params.setdefault(path.address, options)
+        await self.push(status)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        """VRFY: never tells whether a user exists (RFC 5321 3.5.3 allows 252)."""
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        await self.push("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        """STARTTLS, on listeners with a certificate, once."""
+        assert self.fh is not None
+        if self.fh.tls:
+            await self.push("503 5.5.1 Error: TLS already active")
+            return
+        if self.tls_context is None:
+            await self.push("502 5.5.1 Error: STARTTLS not available")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str | None) -> None:  # noqa: PLR0911 - one reply per case
+        """AUTH PLAIN and LOGIN (RFC 4954, 4616), over TLS only, against the credentials file."""
+        fh, session, envelope = self.fh, self.session, self.envelope
+        assert fh is not None
+        assert session is not None
+        assert envelope is not None
+        credentials = self.front.credentials
+        if credentials is None:
+            await self.push("502 5.5.1 Error: authentication not enabled")
+            return
+        if not session.host_name or not session.extended_smtp:
+            await self.push("503 5.5.1 Error: send EHLO first")
+            return
+        if not fh.tls:
+            await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+            return
+        if fh.authenticated_as is not None:
+            await self.push("503 5.5.1 Error: already authenticated")
+            return
+        if envelope.mail_from:
+            await self.push("503 5.5.1 Error: AUTH not permitted during a mail transaction")
+            return
+        args = (arg or "").split()
+        if not 1 <= len(args) <= 2:
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        mechanism = args[0].upper()
+        if mechanism not in ("PLAIN", "LOGIN"):
+            await self.push("504 5.5.4 Unrecognized authentication type")
+            return
+        limiter = self.front.auth_failures
+        if limiter.blocked(fh.client_ip):
+            log.warning("%s: AUTH refused: too many failures from %s", fh.id, fh.client_ip)
+            await self.push("454 4.7.0 Too many failed authentication attempts; try again later")
+            return
+        initial = args[1] if len(args) == 2 else None
+        pair = await (
+            self._auth_plain(initial) if mechanism == "PLAIN" else self._auth_login(initial)
+        )
+        if pair is None:
+            return  # aborted or malformed: already answered
+        user, password = pair
+        if user is not None and await credentials.verify(user, password):
+            fh.authenticated_as = user
+            fh.trusted = True  # an authenticated client may relay like mynetworks
+            session.authenticated = True
+            log.info("%s: AUTH %s succeeded user=%s", fh.id, mechanism, user)
+            await self.push("235 2.7.0 Authentication successful")
+            return
+        failures = limiter.add(fh.client_ip)
+        # No user name or password in the log: a password typed into the name field is common.
+        log.warning(
+            "%s: AUTH %s failed client=%s failures=%d/%d",
+            fh.id,
+            mechanism,
+            fh.client_ip,
+            failures,
+            limiter.limit,
+        )
+        if failures >= limiter.limit:
+            self._say_and_close(
+                f"421 4.7.0 {self.hostname} Error: too many failed authentication attempts"
+            )
+            return
+        await self.push("535 5.7.8 Authentication credentials invalid")
+
+    async def _auth_response(self, challenge: bytes | None, initial: str | None) -> bytes | None:
+        """The client's decoded answer: ``initial`` if given, else the answer to a 334."""
+        if initial is None:
+            await self.push(b"334 " + base64.b64encode(challenge or b""))
+            line = await self._read_line()
+            if line is None:
+                return None
+            text = line.strip()
+        else:
+            text = initial.encode("ascii", "replace")
+        if text == b"*":
+            await self.push("501 5.7.0 Authentication aborted")
+            return None
+        if text == b"=":  # RFC 4954: an empty initial response
+            return b""
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            await self.push("501 5.5.2 Cannot decode the response (not base64)")
+            return None
+
+    async def _auth_plain(self, initial: str | None) -> tuple[str | None, bytes] | None:
+        response = await self._auth_response(b"", initial)
+        if response is None:
+            return None
+        parts = response.split(b"\0")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Malformed PLAIN response")
+            return None
+        authzid, authcid, password = parts
+        # Acting for another user (authzid) is not offered: it must be empty or the same.
+        if authzid and authzid != authcid:
+            return None, password
+        return _user_name(authcid), password
+
+    async def _auth_login(self, initial: str | None) -> tuple[str | None, bytes] | None:
+        user = await self._auth_response(b"Username:", initial)
+        if user is None:
+            return None
+        password = await self._auth_response(b"Password:", None)
+        if password is None:
+            return None
+        return _user_name(user), password
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
         """DATA, read in blocks (see :mod:`filterhost.smtp.data`), then the message chain."""
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+        if await self.check_helo_needed():
             return
         assert self.envelope is not None
+        assert self.fh is not None
+        if not self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
         if not self.envelope.rcpt_tos:
             await self.push("503 5.5.1 Error: need RCPT command")
             return
@@ -159,25 +758,48 @@ class FilterhostSMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        result = await read_data(self._reader, self.front.config.server.max_message_size)
+        try:
+            # The idle timer restarts with each block; this deadline does not, so a client
+            # that trickles a byte at a time still cannot hold the session for ever.
+            async with asyncio.timeout(float(self.limits.data_timeout)):
+                result = await read_data(
+                    self._reader, self.limits.max_message_size, self._reset_timeout
+                )
+        except TimeoutError:
+            log.info("%s: DATA deadline passed, closing", self.fh.id)
+            self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+            return
         envelope = self.envelope
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        if result.too_big or result.content is None:
+        self.messages += 1
+        if result.too_big or result.raw is None:
             reply = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
         else:
+            # The chain and the spool may take longer than the idle timeout: not idle time.
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
             try:
-                reply = await self.front.handler.process(self, envelope, result.content)
+                assert isinstance(envelope, FhEnvelope)
+                reply = await self.front.handler.process(self, envelope, result.raw)
             except Exception:
-                assert self.fh is not None
                 log.exception("%s: internal error at end of DATA", self.fh.id)
                 reply = INTERNAL_ERROR
+            finally:
+                self._reset_timeout()
         await self.push(wire(reply))
         if reply.code == 421 and self.transport is not None:
             self.transport.close()
 
 
+def _user_name(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 class Handler:
-    """aiosmtpd handler hooks: core policy first, then the plugins' verdicts."""
+    """Session policy and the plugins' verdicts, phase by phase; the end of DATA."""
 
     def __init__(self, front: FrontEnd) -> None:
         self.front = front
@@ -213,40 +835,14 @@ class Handler:
         if server.transport is not None:
             server.transport.close()
 
-    async def handle_HELO(
-        self, server: FilterhostSMTP, session: AioSession, envelope: Envelope, hostname: str
-    ) -> str:
+    async def helo(self, server: FilterhostSMTP, hostname: str, *, esmtp: bool) -> str | None:
+        """HELO or EHLO: the plugins' refusal (wire text), or None to greet back."""
         fh = self._fh(server)
-        fh.helo, fh.esmtp = hostname, False
-        refused = await self._verdict_reply(
+        fh.helo, fh.esmtp = hostname, esmtp
+        return await self._verdict_reply(
             server,
             self.front.hooks.chain("filterhost_helo", context=fh.id, session=fh, name=hostname),
         )
-        if refused:
-            return refused
-        session.host_name = hostname
-        return f"250 {server.hostname}"
-
-    async def handle_EHLO(
-        self,
-        server: FilterhostSMTP,
-        session: AioSession,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        fh = self._fh(server)
-        fh.helo, fh.esmtp = hostname, True
-        refused = await self._verdict_reply(
-            server,
-            self.front.hooks.chain("filterhost_helo", context=fh.id, session=fh, name=hostname),
-        )
-        if refused:
-            return [refused]
-        session.host_name = hostname
-        # aiosmtpd handles pipelined commands in order; say so, and that replies carry RFC 3463
-        # codes. "250 HELP" stays last.
-        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_MAIL(
         self,
@@ -256,6 +852,7 @@ class Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        """MAIL FROM after the syntax checks: the plugins' verdict."""
         fh = self._fh(server)
         sender = "" if address == "<>" else address
         refused = await self._verdict_reply(
@@ -270,7 +867,7 @@ class Handler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
-    async def handle_RCPT(  # noqa: PLR0911 - one reply per refusal reason
+    async def handle_RCPT(
         self,
         server: FilterhostSMTP,
         session: AioSession,
@@ -278,6 +875,7 @@ class Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        """RCPT TO after the syntax checks: recipient limit, plugins, then the relay policy."""
         fh = self._fh(server)
         limit = self.front.config.server.max_recipients
         if len(envelope.rcpt_tos) >= limit:
@@ -314,8 +912,6 @@ class Handler:
                 fh.client_ip,
             )
             return wire(RELAY_DENIED)
-        if "@" not in address:
-            return wire(Reply(550, "5.1.3", "Recipient address must include a domain"))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
@@ -335,12 +931,23 @@ class Handler:
             value += f" for <{recipients[0]}>"
         return f"{value}; {email.utils.formatdate(localtime=True)}"
 
-    async def process(self, server: FilterhostSMTP, envelope: Envelope, content: bytes) -> Reply:
-        """The end of DATA: content checks, the message chain, the spool. Returns the reply."""
-        fh = self._fh(server)
+    def _content(self, fh: Session, raw: bytes) -> tuple[bytes, Reply | None]:
+        """The message from the DATA bytes, or the reply that refuses it."""
+        server = self.front.config.server
+        line_endings: Literal["reject", "normalize"] = server.line_endings
+        content = decode_body(raw, line_endings)
         bad = check_content(content)
+        if bad is None and header_size(content) > server.max_header_size:
+            bad = Reply(552, "5.3.4", f"Message header exceeds {server.max_header_size} bytes")
         if bad is not None:
             log.info("%s: refused at end of DATA: %s", fh.id, bad)
+        return content, bad
+
+    async def process(self, server: FilterhostSMTP, envelope: FhEnvelope, raw: bytes) -> Reply:
+        """The end of DATA: content checks, the message chain, the spool. Returns the reply."""
+        fh = self._fh(server)
+        content, bad = self._content(fh, raw)
+        if bad is not None:
             return bad
         message = Message(content)
         if message.count("Received") >= self.front.config.server.max_hops:
@@ -386,25 +993,46 @@ class Handler:
         data = message.as_bytes()
         entry = SpoolEntry(
             id=queue_id,
-            mail_from=sender,
-            recipients=[RecipientState(r) for r in txn.recipients],
+            mail_from=txn.mail_from,  # as the message chain left it
+            # DSN parameters travel per recipient (a plugin's added recipients have none).
+            recipients=[
+                RecipientState(r, options=list(envelope.rcpt_params.get(r, [])))
+                for r in txn.recipients
+            ],
             received=time.time(),
             size=len(data),
             client_ip=fh.client_ip,
             helo=fh.helo or "",
             mail_options=txn.mail_options,
-            hold=action is Action.QUARANTINE,
         )
+        if action is Action.QUARANTINE:
+            # Kept aside in the quarantine area, which the queue runner never reads; an
+            # operator releases it into the queue (filterhost quarantine release).
+            assert verdict is not None
+            await self.front.quarantine.store(
+                entry, data, plugin=verdict.plugin or "-", reason=verdict.reason
+            )
+            log.info(
+                "%s: quarantined from=<%s> size=%d nrcpt=%d client=%s%s plugin=%s reason=%r",
+                queue_id,
+                txn.mail_from,
+                len(data),
+                len(txn.recipients),
+                fh.client_ip,
+                f" user={fh.authenticated_as}" if fh.authenticated_as else "",
+                verdict.plugin,
+                verdict.reason,
+            )
+            return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         await self.front.spool.store(entry, data)
         log.info(
             "%s: queued from=<%s> size=%d nrcpt=%d client=%s%s",
             queue_id,
-            sender,
+            txn.mail_from,
             len(data),
             len(txn.recipients),
             fh.client_ip,
-            f" quarantined={verdict.reason!r}" if action is Action.QUARANTINE and verdict else "",
+            f" user={fh.authenticated_as}" if fh.authenticated_as else "",
         )
-        if action is not Action.QUARANTINE:
-            self.front.on_queued(queue_id)
+        self.front.on_queued(queue_id)
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

@@ -8,6 +8,7 @@ state; a test that needs extra DNS records starts its own with ``start_unbound``
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pytest
 
@@ -68,10 +69,14 @@ class Peers:
         self.started: list[Peer] = []
 
     def start(
-        self, addr: str, port: int, replies: Mapping[str, tuple[int, str]] | None = None
+        self,
+        addr: str,
+        port: int,
+        replies: Mapping[str, tuple[int, str]] | None = None,
+        **options: Any,
     ) -> Peer:
-        """Start a recording peer on addr:port (``replies``: see start_recording_peer)."""
-        peer = start_recording_peer(addr, port, replies)
+        """Start a recording peer on addr:port (arguments: see start_recording_peer)."""
+        peer = start_recording_peer(addr, port, replies, **options)
         self.started.append(peer)
         return peer
 

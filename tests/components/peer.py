@@ -1,6 +1,7 @@
 """A recording SMTP peer (next hop) that answers RCPT per recipient.
 
-usage: python peer.py --dir DIR [--replies JSON] ADDR PORT
+usage: python peer.py --dir DIR [--replies JSON] [--tls-cert PEM --tls-key PEM
+                      [--implicit-tls]] [--auth USER:PASSWORD] ADDR PORT
 
 Runs in the foreground until SIGTERM/SIGINT. ``--replies`` is a JSON object mapping a
 recipient local-part prefix to ``[code, "text"]``; the first matching prefix decides the
@@ -8,7 +9,8 @@ RCPT reply, any other recipient gets 250. Files written to DIR:
 
 * ``NNNNNN.eml``: the DATA bytes exactly as received (dot-unstuffed, nothing else);
 * ``NNNNNN.json``: helo, mail_from ("" for <>), mail_options, rcpt_tos (accepted only),
-  rcpt_options; renamed into place after the .eml, so its presence means complete;
+  rcpt_options, tls (the TLS version, or null), auth (the user name, or null); renamed into
+  place after the .eml, so its presence means complete;
 * ``rcpt.jsonl``: one ``{"address": ..., "code": ...}`` line per RCPT answered.
 
 smtp-sink cannot refuse single recipients, and it rewrites line endings; this peer does
@@ -23,10 +25,11 @@ import itertools
 import json
 import os
 import signal
+import ssl
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 
 class Recorder:
@@ -72,6 +75,13 @@ class Recorder:
             "mail_options": envelope.mail_options,
             "rcpt_tos": envelope.rcpt_tos,
             "rcpt_options": envelope.rcpt_options,
+            "tls": server.transport.get_extra_info("ssl_object").version()
+            if server.transport is not None
+            and server.transport.get_extra_info("ssl_object") is not None
+            else None,
+            "auth": session.auth_data.decode()
+            if isinstance(session.auth_data, bytes)
+            else session.auth_data,
         }
         tmp = self.maildir / f".{name}.json.tmp"
         tmp.write_text(json.dumps(meta))
@@ -79,16 +89,46 @@ class Recorder:
         return f"250 2.0.0 OK queued as {name}"
 
 
-async def serve(addr: str, port: int, handler: Recorder) -> None:
+def _authenticator(user: str, password: str) -> Any:
+    def check(
+        server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (
+            user.encode(),
+            password.encode(),
+        )
+        # handled=False: aiosmtpd sends the 235 or 535 itself
+        return AuthResult(success=ok, handled=False, auth_data=data.login if ok else None)
+
+    return check
+
+
+async def serve(
+    addr: str,
+    port: int,
+    handler: Recorder,
+    tls: ssl.SSLContext | None = None,
+    implicit: bool = False,
+    auth: str | None = None,
+) -> None:
     """Serve SMTP on addr:port until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    options: dict[str, Any] = {"hostname": "peer.test", "enable_SMTPUTF8": True}
+    if tls is not None and not implicit:
+        options["tls_context"] = tls
+    if auth is not None:
+        user, _, password = auth.partition(":")
+        options["authenticator"] = _authenticator(user, password)
+        options["auth_require_tls"] = True
+        options["auth_required"] = True
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname="peer.test", enable_SMTPUTF8=True),
+        lambda: SMTP(handler, **options),
         host=addr,
         port=port,
+        ssl=tls if implicit else None,
     )
     async with server:
         await stop.wait()
@@ -99,12 +139,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--dir", type=Path, required=True)
     ap.add_argument("--replies", default="{}")
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
+    ap.add_argument("--implicit-tls", action="store_true")
+    ap.add_argument("--auth", help="USER:PASSWORD; AUTH is then required, over TLS")
     ap.add_argument("addr")
     ap.add_argument("port", type=int)
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     replies = {k: (int(v[0]), str(v[1])) for k, v in json.loads(args.replies).items()}
-    asyncio.run(serve(args.addr, args.port, Recorder(args.dir, replies)))
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    asyncio.run(
+        serve(args.addr, args.port, Recorder(args.dir, replies), tls, args.implicit_tls, args.auth)
+    )
 
 
 if __name__ == "__main__":

@@ -448,6 +448,10 @@ class PeerMessage:
     rcpt_tos: list[str]
     rcpt_options: list[str]
     data: bytes
+    tls: str | None = None
+    """The TLS version of the session (``"TLSv1.3"``), or None when it was plain."""
+    auth: str | None = None
+    """The user that authenticated, or None."""
 
 
 @dataclass(frozen=True)
@@ -483,6 +487,8 @@ class Peer:
                     rcpt_tos=meta["rcpt_tos"],
                     rcpt_options=meta["rcpt_options"],
                     data=meta_path.with_suffix(".eml").read_bytes(),
+                    tls=meta.get("tls"),
+                    auth=meta.get("auth"),
                 )
             )
         return out
@@ -506,28 +512,78 @@ class Peer:
 
 
 def start_recording_peer(
-    addr: str, port: int, replies: Mapping[str, tuple[int, str]] | None = None
+    addr: str,
+    port: int,
+    replies: Mapping[str, tuple[int, str]] | None = None,
+    *,
+    tls: Cert | None = None,
+    implicit_tls: bool = False,
+    auth: str | None = None,
 ) -> Peer:
     """Start ``peer.py`` on ``addr:port``.
 
     ``replies`` maps a recipient local-part prefix to the RCPT reply for it (first
     match wins); any other recipient gets 250. ``None`` means ``DEFAULT_REPLIES``:
     ``defer...@`` gets ``450 4.2.0 try later``, ``reject...@`` ``550 5.1.1 no such user``.
+    ``tls`` offers STARTTLS with that certificate (or, with ``implicit_tls``, speaks TLS from
+    the start, as on port 465); ``auth="user:password"`` requires AUTH over TLS.
     """
     rules = dict(DEFAULT_REPLIES if replies is None else replies)
     svc = Service("peer")
     maildir = svc.dir / "mail"
-    svc.start(
-        [
-            sys.executable,
-            str(HERE / "peer.py"),
-            "--dir",
-            str(maildir),
-            "--replies",
-            json.dumps(rules),
-            addr,
-            str(port),
-        ]
-    )
-    svc.wait_ready(lambda: _smtp_greets(addr, port))
+    argv = [sys.executable, str(HERE / "peer.py"), "--dir", str(maildir)]
+    argv += ["--replies", json.dumps(rules)]
+    if tls is not None:
+        argv += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+        if implicit_tls:
+            argv.append("--implicit-tls")
+    if auth is not None:
+        argv += ["--auth", auth]
+    svc.start([*argv, addr, str(port)])
+    if implicit_tls:
+        svc.wait_ready(lambda: socket.create_connection((addr, port), timeout=0.5).close() is None)
+    else:
+        svc.wait_ready(lambda: _smtp_greets(addr, port))
     return Peer(addr, port, maildir, svc, rules)
+
+
+@dataclass(frozen=True)
+class Cert:
+    """A self-signed certificate (its own CA: give ``cert`` as the CA file to verify it)."""
+
+    cert: Path
+    key: Path
+
+
+def make_cert(directory: Path, name: str, ips: Sequence[str] = ()) -> Cert:
+    """A fresh self-signed certificate for DNS name ``name`` (and ``ips``), made by openssl."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    san = ",".join([f"DNS:{name}", *(f"IP:{ip}" for ip in ips)])
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            f"subjectAltName={san}",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return Cert(cert, key)
