@@ -1,6 +1,8 @@
 # filterhost: development and CI entry points. `make test` is what CI runs (.ci/run).
 #   make venv       .venv with filterhost[test] (+ every examples/*/ with a pyproject.toml)
 #   make run        serve with conf.d/
+#   make demo       the five-minute tour: DNS, clamd, two recipient servers and filterhost in a
+#                   private network namespace, five messages, what became of each (demo/run.sh)
 #   make testdeps   apt packages of the test components (no-op when present)
 #   make lint       ruff + mypy
 #   make test       lint, then pytest inside a private network namespace
@@ -22,7 +24,7 @@ EXAMPLE_PROJECTS := $(wildcard examples/*/pyproject.toml)
 EXAMPLES := $(patsubst %/pyproject.toml,%,$(EXAMPLE_PROJECTS))
 PYTEST_ARGS ?=
 
-.PHONY: venv run testdeps lint test clean bench-deps bench bench-profile
+.PHONY: venv run demo testdeps lint test clean bench-deps bench bench-profile
 
 venv: $(STAMP)
 
@@ -36,6 +38,11 @@ $(STAMP): pyproject.toml $(EXAMPLE_PROJECTS)
 
 run: venv
 	exec $(VENV)/bin/filterhost -c conf.d
+
+# demo/run.sh enters a private network namespace itself (only loopback), and stops by PID
+# everything it started.
+demo: venv testdeps
+	bash demo/run.sh
 
 testdeps:
 	bash scripts/install-test-deps.sh

@@ -60,6 +60,10 @@ mynetworks = ["127.0.0.0/8"]
 # probe (IDLE_SESS connections at once) and the load generator's sessions.
 max_connections = 5000
 max_connections_per_client = 5000
+EOF
+  # FH_WORKERS: worker processes (the [server] workers key); unset: filterhost's default.
+  [ -z "${FH_WORKERS:-}" ] || echo "workers = $FH_WORKERS" >> "$conf/00-bench.toml"
+  cat >> "$conf/00-bench.toml" <<EOF
 
 [spool]
 directory = "$WORK/filterhost-spool"
@@ -83,6 +87,9 @@ EOF
   else
     printf '\n[plugins]\norder = []\n' >> "$conf/00-bench.toml"
   fi
+  # FH_EXTRA_TOML: more configuration, as a later file overrides key by key (for A/B runs,
+  # e.g. FH_EXTRA_TOML=$'[relay]\nconnection_reuse_time = "0s"').
+  [ -z "${FH_EXTRA_TOML:-}" ] || printf '%s\n' "$FH_EXTRA_TOML" > "$conf/99-extra.toml"
 }
 
 # start_fh CONFDIR LOGFILE [WRAPPER...]: serve at WARNING so that logging is not what is measured.

@@ -9,9 +9,11 @@ import signal
 
 from filterhost.config import Config
 from filterhost.dispatch import HookRunner
+from filterhost.metrics import MetricsServer, start_metrics
 from filterhost.pluginmanager import Plugins
 from filterhost.relay.queue import QueueRunner
 from filterhost.relay.resolver import Resolver
+from filterhost.reload import Reloader
 from filterhost.smtp.server import FrontEnd
 from filterhost.spool import PIDFILE, RESCAN_SIGNAL, Spool
 
@@ -23,16 +25,34 @@ log = logging.getLogger("filterhost")
 class App:
     """One filterhost process."""
 
-    def __init__(self, config: Config, plugins: Plugins, *, drain_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        plugins: Plugins,
+        *,
+        drain_seconds: float = 30.0,
+        worker: int = 0,
+        workers: int = 1,
+    ) -> None:
         self.config = config
         self.plugins = plugins
         self.drain_seconds = drain_seconds
+        self.worker = worker
+        """This process's index among ``workers`` (:mod:`filterhost.workers`)."""
+        self.workers = workers
         self.hooks = HookRunner(plugins, config)
         self.spool = Spool(config.spool_directory)
         self.resolver = Resolver(config.relay.nameserver_addresses)
         self.queue = QueueRunner(self.spool, config, self.hooks, self.resolver)
         self.front = FrontEnd(config, self.hooks, self.spool, self._queued)
+        if workers > 1:
+            # Several processes on the same ports; the queue rescans split by queue id.
+            self.front.reuse_port = True
+            self.queue.share = (worker, workers)
         self.servers: list[asyncio.Server] = []
+        self.reloader = Reloader(self)
+        """SIGHUP: reload conf.d (see :mod:`filterhost.reload`)."""
+        self.metrics_server: MetricsServer | None = None
         self._stop = asyncio.Event()
 
     def _queued(self, queue_id: str) -> None:
@@ -42,10 +62,11 @@ class App:
         """Open the spool, start plugins and the queue runner, then listen."""
         self.spool.open()
         self.front.quarantine.open()
-        (self.spool.directory / PIDFILE).write_text(f"{os.getpid()}\n")
         self.plugins.configure(self.config)
         await self.hooks.observe("filterhost_startup")
         self.queue.start()
+        if self.worker == 0:  # one metrics listener per host, not one per worker
+            self.metrics_server = await start_metrics(self)
         # Plain (STARTTLS) listeners first, then implicit-TLS ones; each is kept as it opens.
         await self.front.listen(self.servers)
 
@@ -61,6 +82,9 @@ class App:
         for server in self.servers:
             await server.wait_closed()
         await self.queue.stop()
+        await self.reloader.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         await self.hooks.observe("filterhost_shutdown", reverse=True)
         self.spool.close()
         self.front.quarantine.close()
@@ -75,7 +99,12 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(RESCAN_SIGNAL, self.queue.rescan)
+        loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
         await self.start()
+        # Only a process that handles RESCAN_SIGNAL may name itself here: the queue CLI signals
+        # it (an App embedded in another program, such as a test, must not be signalled).
+        if self.workers == 1:  # with workers, the master is the one to signal
+            (self.spool.directory / PIDFILE).write_text(f"{os.getpid()}\n")
         log.info("filterhost ready (hostname %s)", self.config.hostname)
         await self._stop.wait()
         log.info("stopping: no new connections; draining sessions")

@@ -14,13 +14,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filterhost.config import Config, PluginSettings
 from filterhost.message import HeaderEdit
 from filterhost.model import EnvelopeEdit, PluginResult, Route, Transaction, envelope_edits
 from filterhost.pluginmanager import Plugins
 from filterhost.verdict import Action, InvalidVerdictError, Reply, Verdict
+
+if TYPE_CHECKING:
+    from filterhost.metrics import Metrics
 
 __all__ = ["HookRunner"]
 
@@ -78,6 +81,8 @@ class HookRunner:
             n: config.settings_for(n, plugins.installed[n].declared) for n in self.order
         }
         self._cache: dict[str, list[_Impl]] = {}
+        self.metrics: Metrics | None = None
+        """Set by :func:`filterhost.metrics.start_metrics`: every plugin call is counted."""
 
     def impls(self, hook: str) -> list[_Impl]:
         """The implementations of ``hook`` by active plugins, in the operator's order."""
@@ -179,10 +184,26 @@ class HookRunner:
                         impl.plugin, hook, verdict, elapsed, error, header_edits, env_edits
                     )
                 )
+            if self.metrics is not None:
+                self.metrics.plugin_call(
+                    impl.plugin, hook, elapsed, verdict, failed=error is not None
+                )
+            terminal = verdict is not None and verdict.action.is_terminal
+            if not terminal and tracked is not None and log.isEnabledFor(logging.INFO):
+                # The message chain's story: each plugin's verdict, not only the deciding one.
+                log.info(
+                    "%s: verdict plugin=%s hook=%s action=%s edits=%d duration=%.3f",
+                    context or "-",
+                    impl.plugin,
+                    hook,
+                    verdict.action.value if verdict is not None else "continue",
+                    len(header_edits) + len(env_edits),
+                    elapsed,
+                )
             if verdict is not None and verdict.action.is_terminal:
                 reply = verdict.effective_reply
                 log.info(
-                    "%s: plugin=%s hook=%s action=%s reply=%r reason=%r duration=%.3f",
+                    "%s: verdict plugin=%s hook=%s action=%s reply=%r reason=%r duration=%.3f",
                     context or "-",
                     impl.plugin,
                     hook,
@@ -216,9 +237,13 @@ class HookRunner:
                         f"routing plugin {impl.plugin} returned {type(result).__name__}, "
                         "not a Route"
                     )
+            elapsed = time.perf_counter() - started
+            if self.metrics is not None:
+                self.metrics.plugin_call(
+                    impl.plugin, "filterhost_route", elapsed, None, failed=error is not None
+                )
             if record is not None:
                 route = result if error is None else None
-                elapsed = time.perf_counter() - started
                 record.append(
                     PluginResult(impl.plugin, "filterhost_route", None, elapsed, error, route=route)
                 )

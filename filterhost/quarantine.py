@@ -33,26 +33,25 @@ quarantining itself, so ``grep QUEUEID`` tells the whole story.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 from filterhost.queuectl import (
     LOCK_TIMEOUT,
-    AmbiguousIdError,
-    MessageBusyError,
-    MessageGoneError,
+    AreaControl,
     Outcome,
     QueueError,
-    UnknownMessageError,
+    header_block,
+    iso_time,
+    local_time,
+    span,
 )
 from filterhost.spool import Spool, SpoolEntry, notify_server
 
@@ -111,12 +110,15 @@ class Quarantine:
         await self.spool.store(kept, data)
 
 
-class QuarantineControl:
+class QuarantineControl(AreaControl):
     """The operator's operations on the quarantine of the spool in ``directory``.
 
     ``clock`` gives "now" (the due time of released recipients); ``on_wait`` is called with
     the id when an operation has to wait for another one holding the message's lock.
     """
+
+    what = "quarantined"
+    gone = "is no longer in the quarantine (released or deleted meanwhile)"
 
     def __init__(
         self,
@@ -126,14 +128,14 @@ class QuarantineControl:
         clock: Callable[[], float] = time.time,
         on_wait: Callable[[str], None] | None = None,
     ) -> None:
+        super().__init__(
+            Spool(directory, area=AREA, threads=1),
+            lock_timeout=lock_timeout,
+            clock=clock,
+            on_wait=on_wait,
+        )
         self.directory = directory
-        self.area = Spool(directory, area=AREA, threads=1)
         self.queue = Spool(directory, threads=1)
-        self.lock_timeout = lock_timeout
-        self.clock = clock
-        self.on_wait = on_wait
-        self.server_notified: bool | None = None
-        """After a release: True if a running server was told, False if none runs."""
 
     def close(self) -> None:
         """Release the spools' thread pools."""
@@ -141,29 +143,6 @@ class QuarantineControl:
         self.queue.close()
 
     # -- reading ---------------------------------------------------------------------------
-
-    def entries(self) -> list[SpoolEntry]:
-        """Every quarantined message, oldest first."""
-        if not self.area.queue_dir.is_dir():
-            return []
-        return list(self.area.entries())
-
-    def resolve(self, id_or_prefix: str) -> str:
-        """The id that ``id_or_prefix`` names: the id itself or an unambiguous prefix."""
-        token = id_or_prefix.strip().upper()
-        ids = self.area.queue_ids() if self.area.queue_dir.is_dir() else []
-        if token in ids:
-            return token
-        matches = [i for i in ids if i.startswith(token)] if token else []
-        if not matches:
-            raise UnknownMessageError(f"no quarantined message {id_or_prefix}")
-        if len(matches) > 1:
-            shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
-            raise AmbiguousIdError(
-                f"{id_or_prefix} is ambiguous: it matches {len(matches)} quarantined "
-                f"messages ({shown})"
-            )
-        return matches[0]
 
     def show(self, id_or_prefix: str) -> tuple[SpoolEntry, bytes]:
         """The entry and the message bytes of one quarantined message."""
@@ -181,7 +160,7 @@ class QuarantineControl:
         Not scanned again: the queue runner routes and delivers it as it is.
         """
         queue_id = self.resolve(id_or_prefix)
-        with self._locked(queue_id) as entry:
+        with self._locked_entry(queue_id) as entry:
             if self.queue.entry_path(queue_id).exists():
                 # An earlier release got as far as the queue and was cut short: finish it.
                 self.area.remove_entry(queue_id)
@@ -211,7 +190,7 @@ class QuarantineControl:
             "%s: released from quarantine into the queue, not scanned again "
             "(quarantined %s by %s: %s); %d recipient(s) due now%s",
             queue_id,
-            _iso(entry.received),
+            iso_time(entry.received),
             entry.plugin or "-",
             entry.reason or "-",
             pending,
@@ -222,7 +201,7 @@ class QuarantineControl:
     def delete(self, id_or_prefix: str) -> Outcome:
         """Remove the message for good. No bounce: the client was answered 250."""
         queue_id = self.resolve(id_or_prefix)
-        with self._locked(queue_id) as entry:
+        with self._locked_entry(queue_id) as entry:
             self.area.remove_entry(queue_id)
         log.info(
             "%s: deleted from quarantine, no bounce sent (from=<%s> quarantined by %s: %s)",
@@ -233,72 +212,12 @@ class QuarantineControl:
         )
         return Outcome(queue_id, True, "deleted")
 
-    def _gone(self, queue_id: str) -> MessageGoneError:
-        return MessageGoneError(
-            f"{queue_id} is no longer in the quarantine (released or deleted meanwhile)"
-        )
-
-    @contextlib.contextmanager
-    def _locked(self, queue_id: str) -> Iterator[SpoolEntry]:
-        """The entry of ``queue_id``, read under the message's lock, held until exit.
-
-        The lock is the spool's ``flock`` on the ``.msg`` file; polled so that a stuck
-        holder makes this give up after ``lock_timeout`` instead of hanging.
-        """
-        deadline = time.monotonic() + self.lock_timeout
-        waiting = False
-        while True:
-            if not self.area.entry_path(queue_id).exists():
-                raise self._gone(queue_id)
-            with self.area.locked(queue_id) as mine:
-                if mine:
-                    try:
-                        # Another release may have removed it while we waited for the lock.
-                        entry = self.area.read_entry(queue_id)
-                    except FileNotFoundError:
-                        raise self._gone(queue_id) from None
-                    yield entry
-                    return
-            if not self.area.msg_path(queue_id).exists():
-                if self.area.entry_path(queue_id).exists():
-                    raise QueueError(f"{queue_id}: the message file is missing (damaged spool)")
-                raise self._gone(queue_id)
-            if not waiting and self.on_wait is not None:
-                self.on_wait(queue_id)
-            waiting = True
-            if time.monotonic() >= deadline:
-                raise MessageBusyError(
-                    f"{queue_id} is busy: another command holds it "
-                    f"(waited {self.lock_timeout:g}s); try again"
-                )
-            time.sleep(LOCK_POLL)
-
-
-# -- presentation ------------------------------------------------------------------------------
-
-
-def _iso(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC).isoformat(timespec="seconds")
-
-
-def _local(epoch: float) -> str:
-    return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _span(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 3600:
-        return f"{s // 60}m" if s >= 60 else f"{s}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
 
 def quarantine_summary(entry: SpoolEntry, now: float) -> dict[str, Any]:
     """The JSON form of a quarantined message (``quarantine list --json``); times in UTC."""
     return {
         "id": entry.id,
-        "quarantined": _iso(entry.received),
+        "quarantined": iso_time(entry.received),
         "age": max(0, round(now - entry.received)),
         "plugin": entry.plugin,
         "reason": entry.reason,
@@ -317,7 +236,7 @@ def format_quarantine_list(entries: Sequence[SpoolEntry], now: float) -> str:
     lines = [f"{'QUEUE ID':<19}  {'AGE':>6}  {'SIZE':>9}  {'PLUGIN':<12}  SENDER"]
     for e in entries:
         lines.append(
-            f"{e.id:<19}  {_span(now - e.received):>6}  {e.size:>9}  {e.plugin or '-':<12}"
+            f"{e.id:<19}  {span(now - e.received):>6}  {e.size:>9}  {e.plugin or '-':<12}"
             f"  <{e.mail_from}>"
         )
         lines.append(f"    reason: {e.reason or '-'}")
@@ -326,18 +245,13 @@ def format_quarantine_list(entries: Sequence[SpoolEntry], now: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _headers(data: bytes) -> bytes:
-    end = data.find(b"\r\n\r\n")
-    return data if end < 0 else data[: end + 2]
-
-
 def format_quarantine_entry(
     entry: SpoolEntry, data: bytes, now: float, *, body: bool = False
 ) -> bytes:
     """The text of ``quarantine show``: who, why, envelope, then headers (``body``: all)."""
     out = [
         f"id:          {entry.id}",
-        f"quarantined: {_local(entry.received)} ({_span(now - entry.received)} ago)",
+        f"quarantined: {local_time(entry.received)} ({span(now - entry.received)} ago)",
         f"plugin:      {entry.plugin or '-'}",
         f"reason:      {entry.reason or '-'}",
         f"size:        {entry.size}",
@@ -352,7 +266,7 @@ def format_quarantine_entry(
         "message:" if body else "headers:",
     ]
     text = "\n".join(out).encode() + b"\n"
-    return text + (data if body else _headers(data)).replace(b"\r\n", b"\n")
+    return text + (data if body else header_block(data)).replace(b"\r\n", b"\n")
 
 
 def run_quarantine_command(

@@ -123,7 +123,98 @@ def _pending_in(entry: SpoolEntry, domains: set[str] | None) -> list[RecipientSt
     return [r for r in entry.pending if domains is None or _domain(r.address) in domains]
 
 
-class QueueControl:
+class AreaControl:
+    """What every operator command on a spool area shares: finding ids and locking an entry.
+
+    ``clock`` gives "now" (for due times); ``on_wait`` is called with the id when an operation
+    has to wait for whoever holds the message's lock (a delivery attempt, another command).
+    """
+
+    what = "queued"
+    """How messages of this area are named in errors ("no queued message X")."""
+    gone = "is no longer queued (delivered, bounced or deleted meanwhile)"
+
+    def __init__(
+        self,
+        area: Spool,
+        *,
+        lock_timeout: float = LOCK_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
+        self.area = area
+        self.lock_timeout = lock_timeout
+        self.clock = clock
+        self.on_wait = on_wait
+        self.server_notified: bool | None = None
+        """After a change: True if a running server was asked to rescan, False if none runs."""
+
+    def entries(self) -> list[SpoolEntry]:
+        """Every message of the area, oldest first (empty when it does not exist yet)."""
+        if not self.area.queue_dir.is_dir():
+            return []
+        return list(self.area.entries())
+
+    def resolve(self, id_or_prefix: str) -> str:
+        """The id that ``id_or_prefix`` names: the id itself or an unambiguous prefix."""
+        token = id_or_prefix.strip().upper()
+        ids = self.area.queue_ids() if self.area.queue_dir.is_dir() else []
+        if token in ids:
+            return token
+        matches = [i for i in ids if i.upper().startswith(token)] if token else []
+        if not matches:
+            raise UnknownMessageError(f"no {self.what} message {id_or_prefix}")
+        if len(matches) > 1:
+            shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+            raise AmbiguousIdError(
+                f"{id_or_prefix} is ambiguous: it matches {len(matches)} {self.what} "
+                f"messages ({shown})"
+            )
+        return matches[0]
+
+    def _gone(self, queue_id: str) -> MessageGoneError:
+        return MessageGoneError(f"{queue_id} {self.gone}")
+
+    @contextlib.contextmanager
+    def _locked_entry(self, queue_id: str) -> Iterator[SpoolEntry]:
+        """The entry of ``queue_id``, read under its lock, which is held until exit.
+
+        The lock is polled (not a blocking flock) so that a delivery stuck on a slow next
+        hop makes the command give up after ``lock_timeout`` instead of hanging.
+        """
+        deadline = time.monotonic() + self.lock_timeout
+        waiting = False
+        while True:
+            if not self.area.entry_path(queue_id).exists():
+                raise self._gone(queue_id)
+            with self.area.locked(queue_id) as mine:  # non-blocking
+                if mine:
+                    try:
+                        # The lock is on the .msg inode: if the message was removed while we
+                        # waited, we now hold the lock of an unlinked file.
+                        entry = self.area.read_entry(queue_id)
+                    except FileNotFoundError:
+                        raise self._gone(queue_id) from None
+                    yield entry
+                    return
+            if not self.area.msg_path(queue_id).exists():
+                # Spool.locked() also says "not mine" when there is no .msg to lock. The .json
+                # goes first when a message is removed, so an entry without its .msg is damage.
+                if self.area.entry_path(queue_id).exists():
+                    raise QueueError(f"{queue_id}: the message file is missing (damaged spool)")
+                raise self._gone(queue_id)
+            if not waiting and self.on_wait is not None:
+                self.on_wait(queue_id)
+            waiting = True
+            if time.monotonic() >= deadline:
+                raise MessageBusyError(
+                    f"{queue_id} is busy: another process holds it "
+                    f"(waited {self.lock_timeout:g}s); try again"
+                )
+            time.sleep(LOCK_POLL)
+
+
+class QueueControl(AreaControl):
     """Operations on the messages of one spool area (``queue/`` unless the Spool says otherwise).
 
     Each change notifies the running server when it is done, or once at the end of a
@@ -139,38 +230,12 @@ class QueueControl:
         clock: Callable[[], float] = time.time,
         on_wait: Callable[[str], None] | None = None,
     ) -> None:
+        super().__init__(spool, lock_timeout=lock_timeout, clock=clock, on_wait=on_wait)
         self.spool = spool
-        self.lock_timeout = lock_timeout
-        self.clock = clock
-        self.on_wait = on_wait
         self._batch_depth = 0
         self._dirty = False
-        self.server_notified: bool | None = None
-        """After a change: True if a running server was asked to rescan, False if none runs."""
 
     # -- finding messages ------------------------------------------------------------------
-
-    def entries(self) -> list[SpoolEntry]:
-        """Every queued message, oldest first (empty when the spool does not exist yet)."""
-        if not self.spool.queue_dir.is_dir():
-            return []
-        return list(self.spool.entries())
-
-    def resolve(self, id_or_prefix: str) -> str:
-        """The queue id that ``id_or_prefix`` names: the id itself or an unambiguous prefix."""
-        token = id_or_prefix.strip().upper()
-        ids = self.spool.queue_ids() if self.spool.queue_dir.is_dir() else []
-        if token in ids:
-            return token
-        matches = [i for i in ids if i.upper().startswith(token)] if token else []
-        if not matches:
-            raise UnknownMessageError(f"no queued message {id_or_prefix}")
-        if len(matches) > 1:
-            shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
-            raise AmbiguousIdError(
-                f"{id_or_prefix} is ambiguous: it matches {len(matches)} queued messages ({shown})"
-            )
-        return matches[0]
 
     def select(self, *, domains: Collection[str] | None = None) -> list[str]:
         """Ids of the messages with a pending recipient (in one of ``domains`` when given).
@@ -305,49 +370,6 @@ class QueueControl:
             # min(): one that is already overdue keeps its place ahead of the others.
             rcpt.next_attempt = min(rcpt.next_attempt, now)
 
-    def _gone(self, queue_id: str) -> MessageGoneError:
-        return MessageGoneError(
-            f"{queue_id} is no longer queued (delivered, bounced or deleted meanwhile)"
-        )
-
-    @contextlib.contextmanager
-    def _locked_entry(self, queue_id: str) -> Iterator[SpoolEntry]:
-        """The entry of ``queue_id``, read under its delivery lock, which is held until exit.
-
-        The lock is polled (not a blocking flock) so that a delivery stuck on a slow next
-        hop makes the CLI give up after ``lock_timeout`` instead of hanging.
-        """
-        deadline = time.monotonic() + self.lock_timeout
-        waiting = False
-        while True:
-            if not self.spool.entry_path(queue_id).exists():
-                raise self._gone(queue_id)
-            with self.spool.locked(queue_id) as mine:  # non-blocking
-                if mine:
-                    try:
-                        # The lock is on the .msg inode: if the runner removed the message
-                        # while we waited, we now hold the lock of an unlinked file.
-                        entry = self.spool.read_entry(queue_id)
-                    except FileNotFoundError:
-                        raise self._gone(queue_id) from None
-                    yield entry
-                    return
-            if not self.spool.msg_path(queue_id).exists():
-                # Spool.locked() also says "not mine" when there is no .msg to lock. The
-                # runner removes the .json first, so an entry without its .msg is damage.
-                if self.spool.entry_path(queue_id).exists():
-                    raise QueueError(f"{queue_id}: the message file is missing (damaged spool)")
-                raise self._gone(queue_id)
-            if not waiting and self.on_wait is not None:
-                self.on_wait(queue_id)
-            waiting = True
-            if time.monotonic() >= deadline:
-                raise MessageBusyError(
-                    f"{queue_id} is busy: a delivery attempt holds it "
-                    f"(waited {self.lock_timeout:g}s); try again"
-                )
-            time.sleep(LOCK_POLL)
-
 
 def act_as_spool_owner(spool: Spool) -> bool:
     """Run as root on a spool that belongs to another user: become that user; True if so.
@@ -380,17 +402,21 @@ def _mark_bounced(rcpt: RecipientState) -> None:
 # -- presentation ------------------------------------------------------------------------------
 
 
-def _iso(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
+def iso_time(epoch: float) -> str:
+    """``epoch`` as ISO 8601 in UTC, to the second (for ``--json``)."""
     return datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC).isoformat(timespec="seconds")
 
 
-def _local(epoch: float) -> str:
+def _iso(epoch: float | None) -> str | None:
+    return None if epoch is None else iso_time(epoch)
+
+
+def local_time(epoch: float) -> str:
+    """``epoch`` in local time, for people."""
     return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _span(seconds: float) -> str:
+def span(seconds: float) -> str:
     """A short human duration: ``45s``, ``12m``, ``3h05m``, ``2d04h``."""
     s = max(0, int(seconds))
     if s < 60:
@@ -442,7 +468,7 @@ def _next_text(rcpt: RecipientState, now: float) -> str:
         return "-"
     if rcpt.next_attempt <= now:
         return "due now"
-    return f"{_local(rcpt.next_attempt)} (in {_span(rcpt.next_attempt - now)})"
+    return f"{local_time(rcpt.next_attempt)} (in {span(rcpt.next_attempt - now)})"
 
 
 def format_list(entries: Sequence[SpoolEntry], now: float) -> str:
@@ -452,9 +478,7 @@ def format_list(entries: Sequence[SpoolEntry], now: float) -> str:
     lines = [f"{'QUEUE ID':<19}  {'AGE':>6}  {'SIZE':>9}  SENDER"]
     for e in entries:
         flag = f"  HELD ({e.reason or 'no reason'})" if e.hold else ""
-        lines.append(
-            f"{e.id:<19}  {_span(now - e.received):>6}  {e.size:>9}  <{e.mail_from}>{flag}"
-        )
+        lines.append(f"{e.id:<19}  {span(now - e.received):>6}  {e.size:>9}  <{e.mail_from}>{flag}")
         for r in e.recipients:
             lines.append(
                 f"    {r.status:<9}  <{r.address}>  attempts={r.attempts}"
@@ -468,7 +492,8 @@ def format_list(entries: Sequence[SpoolEntry], now: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _headers(data: bytes) -> bytes:
+def header_block(data: bytes) -> bytes:
+    """The header section of a message (with its last CRLF)."""
     end = data.find(b"\r\n\r\n")
     return data if end < 0 else data[: end + 2]
 
@@ -480,7 +505,7 @@ def format_entry(entry: SpoolEntry, data: bytes, now: float, *, body: bool = Fal
     """
     out = [
         f"id:          {entry.id}",
-        f"received:    {_local(entry.received)} ({_span(now - entry.received)} ago)",
+        f"received:    {local_time(entry.received)} ({span(now - entry.received)} ago)",
         f"size:        {entry.size}",
         f"sender:      <{entry.mail_from}>"
         + (f" {' '.join(entry.mail_options)}" if entry.mail_options else ""),
@@ -498,7 +523,7 @@ def format_entry(entry: SpoolEntry, data: bytes, now: float, *, body: bool = Fal
             out.append(f"      sender notified: {'yes' if r.notified else 'not yet'}")
     out.append("message:" if body else "headers:")
     text = "\n".join(out).encode() + b"\n"
-    return text + (data if body else _headers(data)).replace(b"\r\n", b"\n")
+    return text + (data if body else header_block(data)).replace(b"\r\n", b"\n")
 
 
 # -- the command line --------------------------------------------------------------------------

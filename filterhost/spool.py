@@ -9,6 +9,12 @@ A message is queued exactly when its ``.json`` exists: the ``.msg`` is written a
 then the ``.json`` through a temporary file and ``rename``, then the directory is fsynced. A crash
 before that leaves an orphan ``.msg`` (the client never got 250), removed at the next start.
 
+Writes are group-committed (:class:`Spool` ``store``/``update``/``remove``): the operations that
+arrive while a batch is being made durable form the next batch, whose files are written and
+fsynced concurrently (so the journal commits them together), renamed into place, and covered by
+one ``fsync`` of the directory. Every caller is answered only after that, so "250 after fsync"
+holds for each message, and concurrent sessions share the directory fsyncs and journal commits.
+
 Several processes may share a spool: a delivery attempt holds an exclusive ``flock`` on the
 ``.msg`` file, so one message is never delivered by two processes at once, and the queue CLI
 takes the same lock before it changes anything.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import secrets
@@ -122,6 +129,24 @@ class SpoolEntry:
         return min(times) if times else None
 
 
+# Batches committed at once: with one, an operation arriving just after a batch started waits
+# for all of it; three kept the spool threads busy in the bench (bench/PERF-LOG.md).
+_IN_FLIGHT = 3
+_MAX_BATCH = 256  # operations per group commit: bounds the memory and the latency of one batch
+_FRESH_LIMIT = 16 * 1024 * 1024  # bytes of just-stored messages kept for the queue runner
+
+
+@dataclass(slots=True)
+class _Op:
+    """One queued spool write, answered through ``future`` once its batch is durable."""
+
+    kind: Literal["store", "update", "remove"]
+    queue_id: str
+    entry: SpoolEntry | None
+    data: bytes | None
+    future: asyncio.Future[None]
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -148,8 +173,24 @@ class Spool:
     def __init__(self, directory: Path, *, area: str = "queue", threads: int = 8) -> None:
         self.directory = directory
         self.queue_dir = directory / area
-        # Concurrent fsyncs from several threads let the filesystem journal commit them together.
+        # Reads, and the group commits (one at a time: see _start_batch), run here.
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
+        self._syncs = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-sync")
+        self._pending: list[_Op] = []
+        self._committing = 0
+        """Batches being committed (at most ``_IN_FLIGHT``)."""
+        self._busy_ids: set[str] = set()
+        """Queue ids in the batches being committed (one operation per id at a time)."""
+        self.batches = 0
+        """Group commits done (with :attr:`batched_ops`: the mean batch size, for the bench)."""
+        self.batched_ops = 0
+        # The bytes of messages just stored, for the queue runner's first attempt: a .msg is
+        # never changed after it is written, so these are its contents, without reading the
+        # file back (and without a second trip through the thread pool). Bounded: the oldest
+        # go first; a message not found here is read from disk as before.
+        self._fresh: dict[str, bytes] = {}
+        self._fresh_bytes = 0
+        self.fresh_limit = _FRESH_LIMIT if area == "queue" else 0
 
     def open(self) -> None:
         """Create the directories if needed and check that the spool is writable."""
@@ -159,8 +200,9 @@ class Spool:
         probe.unlink()
 
     def close(self) -> None:
-        """Wait for pending writes and stop the thread pool."""
+        """Wait for pending writes and stop the thread pools."""
         self._pool.shutdown(wait=True)
+        self._syncs.shutdown(wait=True)
 
     def msg_path(self, queue_id: str) -> Path:
         """The ``.msg`` file of ``queue_id``."""
@@ -179,8 +221,11 @@ class Spool:
         _write_file(self.msg_path(entry.id), data, exclusive=True)
         self._write_entry(entry)
 
+    def _tmp_path(self, queue_id: str) -> Path:
+        return self.queue_dir / f".{queue_id}.json.tmp"
+
     def _write_entry(self, entry: SpoolEntry) -> None:
-        tmp = self.queue_dir / f".{entry.id}.json.tmp"
+        tmp = self._tmp_path(entry.id)
         _write_file(tmp, entry.to_json(), exclusive=False)
         tmp.replace(self.entry_path(entry.id))
         _fsync_dir(self.queue_dir)
@@ -192,15 +237,127 @@ class Spool:
 
     async def store(self, entry: SpoolEntry, data: bytes) -> None:
         """Write a new message durably; when this returns, the client may be told 250."""
-        await self._run(self._store, entry, data)
+        await self._commit("store", entry.id, entry, data)
+        if len(data) <= self.fresh_limit:
+            self._fresh[entry.id] = data
+            self._fresh_bytes += len(data)
+            while self._fresh_bytes > self.fresh_limit:
+                self._forget(next(iter(self._fresh)))
+
+    def _forget(self, queue_id: str) -> bytes | None:
+        data = self._fresh.pop(queue_id, None)
+        if data is not None:
+            self._fresh_bytes -= len(data)
+        return data
 
     async def update(self, entry: SpoolEntry) -> None:
         """Durably replace the entry's state."""
-        await self._run(self._write_entry, entry)
+        await self._commit("update", entry.id, entry, None)
 
     async def remove(self, queue_id: str) -> None:
-        """Remove a finished message."""
-        await self._run(self._remove, queue_id)
+        """Remove a finished message (durably, entry first, so it is never half queued)."""
+        self._forget(queue_id)
+        await self._commit("remove", queue_id, None, None)
+
+    # -- group commit ----------------------------------------------------------------------
+
+    async def _commit(
+        self,
+        kind: Literal["store", "update", "remove"],
+        queue_id: str,
+        entry: SpoolEntry | None,
+        data: bytes | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        op = _Op(kind, queue_id, entry, data, loop.create_future())
+        self._pending.append(op)
+        if self._committing < _IN_FLIGHT:
+            self._start_batch(loop)
+        # A cancelled caller does not stop its write (as with run_in_executor before): the
+        # batch goes on, and a stored message is then found by the next rescan.
+        await op.future
+
+    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand everything pending to one commit; what arrives meanwhile waits for the next.
+
+        A bounded number of batches at a time is what makes the batches: while they are
+        being made durable, the sessions' writes pile up for the next. A queue id appears
+        once per batch (its temporary file has one name); a second operation on it waits.
+        """
+        batch: list[_Op] = []
+        rest: list[_Op] = []
+        ids = self._busy_ids
+        for op in self._pending:
+            if op.queue_id in ids or len(batch) >= _MAX_BATCH:
+                rest.append(op)
+            else:
+                ids.add(op.queue_id)
+                batch.append(op)
+        self._pending = rest
+        self._committing += 1
+        done = asyncio.wrap_future(self._pool.submit(self._apply, batch), loop=loop)
+        done.add_done_callback(functools.partial(self._batch_done, loop, batch))
+
+    def _batch_done(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Op],
+        done: asyncio.Future[list[BaseException | None]],
+    ) -> None:
+        self._committing -= 1
+        self.batches += 1
+        self.batched_ops += len(batch)
+        self._busy_ids.difference_update(op.queue_id for op in batch)
+        failure = None if done.cancelled() else done.exception()
+        errors: list[BaseException | None]
+        if done.cancelled():
+            errors = [RuntimeError("spool write cancelled")] * len(batch)
+        elif failure is not None:
+            errors = [failure] * len(batch)
+        else:
+            errors = done.result()
+        for op, error in zip(batch, errors, strict=True):
+            if op.future.done():
+                continue  # its caller was cancelled
+            if error is None:
+                op.future.set_result(None)
+            else:
+                op.future.set_exception(error)
+        if self._pending and self._committing < _IN_FLIGHT:
+            self._start_batch(loop)
+
+    def _apply(self, batch: list[_Op]) -> list[BaseException | None]:
+        """One group commit, in a pool thread; returns each operation's error (or None).
+
+        Order, as for a single message: the ``.msg`` and the entry's temporary file are
+        durable before the rename makes the message queued, and the directory is fsynced
+        before anyone is answered. An error of the directory fsync fails the whole batch.
+        """
+        # Each operation runs in a thread of its own: creating, renaming and unlinking a file
+        # wait while the journal commits, and concurrent fsyncs share one commit, so one
+        # thread doing them in turn is several times slower (measured: bench/PERF-LOG.md).
+        # What the batch shares is the directory fsync that makes the renames durable.
+        errors: list[BaseException | None] = list(self._syncs.map(self._apply_one, batch))
+        _fsync_dir(self.queue_dir)
+        return errors
+
+    def _apply_one(self, op: _Op) -> OSError | None:
+        """``op`` up to, not including, the directory fsync; its error or None."""
+        try:
+            if op.kind == "remove":
+                self.entry_path(op.queue_id).unlink(missing_ok=True)
+                self.msg_path(op.queue_id).unlink(missing_ok=True)
+                return None
+            if op.kind == "store":
+                assert op.data is not None
+                _write_file(self.msg_path(op.queue_id), op.data, exclusive=True)
+            assert op.entry is not None
+            tmp = self._tmp_path(op.queue_id)
+            _write_file(tmp, op.entry.to_json(), exclusive=False)
+            tmp.replace(self.entry_path(op.queue_id))
+        except OSError as error:
+            return error
+        return None
 
     # Synchronous twins of update(), remove() and store() for callers without an event loop
     # (the queue and quarantine CLI). Same atomic, fsynced writes; the caller holds the lock.
@@ -228,10 +385,19 @@ class Spool:
         return self.msg_path(queue_id).read_bytes()
 
     async def load(self, queue_id: str) -> tuple[SpoolEntry, bytes]:
-        """Entry and message bytes, read off the event loop."""
-        entry: SpoolEntry = await self._run(self.read_entry, queue_id)
-        data: bytes = await self._run(self.read_message, queue_id)
-        return entry, data
+        """Entry and message bytes, read off the event loop (bytes just stored: from memory).
+
+        The entry is always read from disk: the queue CLI may have changed it (hold, flush).
+        """
+        data = self._forget(queue_id)
+        if data is not None:
+            entry: SpoolEntry = await self._run(self.read_entry, queue_id)
+            return entry, data
+        loaded: tuple[SpoolEntry, bytes] = await self._run(self._read_both, queue_id)
+        return loaded
+
+    def _read_both(self, queue_id: str) -> tuple[SpoolEntry, bytes]:
+        return self.read_entry(queue_id), self.read_message(queue_id)
 
     def queue_ids(self) -> list[str]:
         """Every queued message, oldest first."""

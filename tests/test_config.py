@@ -160,7 +160,7 @@ def test_defaults_match_the_design(tmp_path: Path) -> None:
 def test_shipped_conf_d_loads_cleanly_with_the_design_values() -> None:
     config = load_ok(REPO / "conf.d")
     _assert_design_defaults(config)
-    assert config.plugins.order == ["clamav"]
+    assert config.plugins.order == ["clamav", "attachments", "headers", "routing"]
     assert config.plugin_tables == {"clamav": {"servers": ["unix:/var/run/clamav/clamd.ctl"]}}
 
 

@@ -278,6 +278,35 @@ def test_rules_add_remove_replace_in_order(tmp_path: Path) -> None:
     ]
 
 
+def test_remove_header_where_keeps_the_other_fields_bytes_and_places() -> None:
+    # Message.remove_header(name, where=...): what strip_topology and value_pattern use.
+    raw = (
+        b"Received: from a ([10.0.0.1])\r\n\tby b; Sat, 28 Nov 2026 10:00:00 +0000\r\n"
+        b"X-Keep:  odd   spacing\r\n"
+        b"received: from c ([198.51.100.1]) by d; Sat, 28 Nov 2026 10:00:00 +0000\r\n"
+        b"RECEIVED: from e ([10.0.0.2]) by f; Sat, 28 Nov 2026 10:00:00 +0000\r\n"
+        b"\r\nbody\r\n"
+    )
+    message = Message(raw)
+    assert message.remove_header("Received", where=lambda v: "[10." in v) == 2
+    assert message.as_bytes() == (
+        b"X-Keep:  odd   spacing\r\n"
+        b"received: from c ([198.51.100.1]) by d; Sat, 28 Nov 2026 10:00:00 +0000\r\n"
+        b"\r\nbody\r\n"
+    )
+    assert [(e.op, e.name) for e in message.edits] == [("remove", "Received")]
+    assert message.remove_header("Received", where=lambda v: False) == 0
+    assert len(message.edits) == 1  # nothing removed, nothing recorded
+
+    def broken(value: str) -> bool:
+        raise RuntimeError("predicate failed")
+
+    before = message.as_bytes()
+    with pytest.raises(RuntimeError):
+        message.remove_header("Received", where=broken)
+    assert message.as_bytes() == before  # all or nothing
+
+
 # ----------------------------------------------------------------------------- sender rewriting
 
 
@@ -327,13 +356,19 @@ def test_unusual_address_fields_are_left_alone_with_a_warning(
     )
     two_froms = b"From: a@corp.example\r\nFrom: b@corp.example\r\nSubject: x\r\n\r\nx\r\n"
     group = b"From: team: a@corp.example, b@corp.example;\r\nSubject: x\r\n\r\nx\r\n"
+    # A display name that is one word too long to fold (the front end would not take this
+    # line; a plugin earlier in the chain might make it).
+    long_name = b'From: "' + b"A" * 1000 + b'" <a@corp.example>\r\nSubject: x\r\n\r\nx\r\n'
     with caplog.at_level(logging.WARNING, logger="filterhost.plugins.headers"):
-        for raw in (two_froms, group):
+        for raw in (two_froms, group, long_name):
             txn = run(plugin, raw, mail_from="a@corp.example")
             assert txn.mail_from == "a@corp.example"  # rewrite_envelope_sender = false
             assert txn.message.as_bytes().endswith(raw)
     assert "0123ABCD: headers: 2 From fields; not rewritten" in caplog.text
     assert "0123ABCD: headers: From not rewritten: unusual syntax" in caplog.text
+    assert "0123ABCD: headers: From not rewritten: header value has a word longer than 998" in (
+        caplog.text
+    )
 
 
 # ----------------------------------------------------------------------------- --check-config
@@ -369,6 +404,10 @@ def test_check_config_names_file_and_key(tmp_path: Path) -> None:
         "[[plugins.headers.rules]]\n"
         'action = "remove"\n'
         'name = "Received"\n'
+        "[[plugins.headers.rules]]\n"
+        'action = "add"\n'
+        'name = "X-Long"\n'
+        f'value = "{"x" * 1000}"\n'
     )
     _, _, problems = check_configuration(confdir, plugins)
     got = {(p.file, p.key, p.severity, p.message) for p in problems}
@@ -379,10 +418,12 @@ def test_check_config_names_file_and_key(tmp_path: Path) -> None:
         (where, f"{key}.rules[2].pattern", "error",
          "'^(X-' is not a regular expression: missing ), unterminated subpattern at position 1"),
         (where, f"{key}.rules[3].name", "error", "'Bad Name' is not a header field name"),
-        (where, f"{key}.rules[3].value", "error", "a add rule needs a value"),
+        (where, f"{key}.rules[3].value", "error", "an add rule needs a value"),
         (where, f"{key}.rules[4].name", "warning",
          "removes every Received field: mail loops are no longer detected (max_hops); "
          "prefer strip_topology or a value_pattern"),
+        (where, f"{key}.rules[5].value", "error",
+         "header value has a word longer than 998 characters; it cannot be folded"),
         (where, f"{key}.internal_networks", "error",
          "item 2: '10.0.0.300/8' is not a network such as \"10.0.0.0/8\""),
         (where, f"{key}.rewrite_headers", "error",

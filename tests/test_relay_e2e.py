@@ -300,3 +300,37 @@ def test_refuses_to_start_with_a_broken_config(fh: FilterhostFactory, tmp_path: 
         proc.start(timeout=10)
     assert "server.max_recipients: expected integer, got 'many'" in proc.log
     assert "Traceback" not in proc.log
+
+
+@pytest.mark.parametrize(
+    ("sink_options", "relay", "reason"),
+    [
+        # The next hop hangs up without a word in the middle of the transaction.
+        (["-q", "DATA"], {}, r"4\.4\.2 .*connection lost"),
+        # The next hop says 421 and hangs up.
+        (["-Q", "RCPT"], {}, r"421 "),
+        # The next hop never answers the end of DATA: our timeout ends the wait.
+        (["-w", "30"], {"smtp_timeout": "1s"}, r"4\.4\.2 .*no reply in time"),
+    ],
+    ids=["drop", "421", "hang"],
+)
+def test_a_next_hop_that_drops_or_hangs_defers(
+    fh: FilterhostFactory,
+    dns_server: Dns,
+    sinks: Sinks,
+    tmp_path: Path,
+    sink_options: list[str],
+    relay: dict[str, str],
+    reason: str,
+) -> None:
+    mx_port = free_port()
+    # mx1 misbehaves; the other MX hosts are down, so nothing else can take the message.
+    sinks.start("127.0.0.2", mx_port, *sink_options)
+    conf = base_config(tmp_path, free_port(), dns_server, mx_port, relay=relay)
+    proc = fh.create(conf).start()
+    with proc.smtp() as client:
+        client.sendmail("alice@example.test", ["bob@mx.test"], b"Subject: x\r\n\r\nhi\r\n")
+    m = proc.wait_log(r"to=<bob@mx\.test> status=deferred attempts=1 .*reply=(.*)$", timeout=20)
+    assert re.search(reason, m.group(1)), m.group(1)
+    assert "status=delivered" not in proc.log
+    assert "status=bounced" not in proc.log

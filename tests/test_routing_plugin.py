@@ -17,8 +17,9 @@ import aiosmtplib
 import pytest
 from filterhost_builtins.routing import NextHop, RoutingPlugin, parse_next_hop
 
-from filterhost import Message, Route, Session, Transaction
+from filterhost import Message, Route, Session, Transaction, hookimpl
 from filterhost.checks import check_configuration
+from filterhost.dispatch import HookRunner
 from filterhost.pluginmanager import Plugins
 from tests.components.fixtures import Sinks
 from tests.components.services import Dns, free_port
@@ -164,6 +165,40 @@ def test_no_entry_and_no_default_leaves_it_to_the_relay_mode(tmp_path: Path) -> 
     plugin = configure(tmp_path, transport={"example.com": "hold"})
     assert route(plugin, "a@example.com") == Route.hold()
     assert route(plugin, "a@other.test") is None
+
+
+class Override:
+    """A third-party route hook: VIPs go to their own host, everything else passes on."""
+
+    @hookimpl
+    def filterhost_route(self, recipient: str) -> Route | None:
+        return Route.host("10.7.7.7", 25) if recipient.startswith("vip@") else None
+
+
+async def test_a_route_plugin_earlier_in_the_order_overrides_it(tmp_path: Path) -> None:
+    conf = base_config(
+        tmp_path,
+        free_port(),
+        None,
+        25,
+        plugins={"order": ["override", "routing"], "routing": {"default": "hold"}},
+    )
+    confdir = write_conf(tmp_path / "conf.d", conf)
+    plugins = Plugins()
+    plugins.add("override", Override())
+    plugins.add("routing", RoutingPlugin())
+    config, plugins, problems = check_configuration(confdir, plugins)
+    assert config is not None
+    assert problems == []
+    plugins.configure(config)
+    runner = HookRunner(plugins, config)
+    txn = Transaction(Session("queue", "10.0.0.1"), "a@corp.test", [], Message(b"\r\nx\r\n"))
+    for recipient, expected in (
+        ("vip@partner.test", Route.host("10.7.7.7", 25)),
+        ("other@partner.test", Route.hold()),
+    ):
+        got = await runner.first_route(transaction=txn, recipient=recipient)
+        assert got == expected
 
 
 # ----------------------------------------------------------------------------- --check-config

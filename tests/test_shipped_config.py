@@ -49,7 +49,7 @@ def test_shipped_conf_d_is_safe_by_default() -> None:
     assert 'listen = ["127.0.0.1:2525"]' in text
     assert 'mynetworks = ["127.0.0.0/8", "::1/128"]' in text
     assert "relay_domains = []" in text
-    assert 'order = ["clamav"]' in text
+    assert 'order = ["clamav", "attachments", "headers", "routing"]' in text
 
 
 def test_shipped_conf_d_serves_and_relays_a_swaks_message(

@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 from filterhost.config.loader import RawConfig, read_conf_dir
 from filterhost.config.schema import (
     HostPort,
+    MetricsSection,
     PluginsSection,
     RelaySection,
     ServerSection,
@@ -83,6 +84,7 @@ class Config:
     origin: dict[str, str]
     plugin_sections: dict[str, Any] = dataclasses.field(default_factory=dict)
     plugin_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
 
     @property
     def hostname(self) -> str:
@@ -120,6 +122,7 @@ _CORE_TABLES: dict[str, type[Any]] = {
     "spool": SpoolSection,
     "relay": RelaySection,
     "plugins": PluginsSection,
+    "metrics": MetricsSection,
 }
 
 
@@ -166,6 +169,7 @@ def load_config(
         plugins=sections["plugins"],
         plugin_tables=plugin_tables,
         origin=raw.origin,
+        metrics=sections["metrics"],
     )
     return config, problems
 

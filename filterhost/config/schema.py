@@ -16,6 +16,7 @@ from filterhost.durations import Duration
 
 __all__ = [
     "HostPort",
+    "MetricsSection",
     "PluginsSection",
     "RelaySection",
     "ServerSection",
@@ -159,6 +160,14 @@ class ServerSection:
         default=Duration(600),
         metadata=_help("most time to receive one message's DATA, however it trickles in"),
     )
+    # -- processes (issue 7) --
+    workers: int = field(
+        default=1,
+        metadata=_help(
+            "processes serving the same ports (SO_REUSEPORT), each with its own queue runner; "
+            "more than 1 uses more cores"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.hostname and (len(self.hostname) > 253 or not _HOSTNAME.match(self.hostname)):
@@ -193,6 +202,7 @@ class ServerSection:
             ("max_unknown_commands", self.max_unknown_commands),
             ("max_junk_commands", self.max_junk_commands),
             ("max_header_size", self.max_header_size),
+            ("workers", self.workers),
         ):
             if value < 1:
                 raise SectionError(name, f"must be at least 1, got {value}")
@@ -379,3 +389,43 @@ class PluginsSection:
     order: list[str] = field(
         default_factory=list, metadata=_help("installed plugins, in the order they run")
     )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSection:
+    """``[metrics]``: the Prometheus and health endpoint (off unless ``listen`` is set)."""
+
+    listen: str = field(
+        default="",
+        metadata=_help(
+            'loopback "host:port" serving /metrics (Prometheus) and /health, such as '
+            '"127.0.0.1:9125"; empty: off'
+        ),
+    )
+    stuck_after: Duration = field(
+        default=Duration(600),
+        metadata=_help(
+            "/health fails (503) when queued work has been due this long without the queue "
+            "runner starting it"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            try:
+                address = parse_host_port(self.listen)
+            except ValueError as exc:
+                raise SectionError("listen", str(exc)) from None
+            try:
+                loopback = ipaddress.ip_address(address.host).is_loopback
+            except ValueError:
+                loopback = address.host == "localhost"
+            if not loopback:
+                # The endpoint has no authentication: metrics name next hops and plugins.
+                raise SectionError(
+                    "listen",
+                    f'{self.listen!r}: metrics are served on a loopback address only, such as '
+                    '"127.0.0.1:9125" (put a reverse proxy in front to expose them)',
+                )
+        if self.stuck_after <= 0:
+            raise SectionError("stuck_after", 'must be more than 0, such as "10m"')

@@ -158,15 +158,19 @@ class ConnectionPool:
     async def expire(self) -> None:
         """Close connections idle for longer than ``idle_time``."""
         now = time.monotonic()
+        expired: list[_Conn] = []
+        # Take the expired ones out of the pool before awaiting anything: a snapshot put back
+        # after an await would return connections that take() handed out meanwhile, and two
+        # deliveries would then share one connection (the sink saw "503 nested MAIL").
         for key, idle in list(self._idle.items()):
             keep = [c for c in idle if now - c.idle_since <= self.idle_time]
-            for conn in idle:
-                if conn not in keep:
-                    await _close(conn.smtp)
+            expired.extend(c for c in idle if now - c.idle_since > self.idle_time)
             if keep:
                 self._idle[key] = keep
             else:
                 del self._idle[key]
+        for conn in expired:
+            await _close(conn.smtp)
 
     async def close(self) -> None:
         """QUIT every idle connection."""
@@ -375,7 +379,8 @@ async def _transaction(conn: _Conn, delivery: Delivery) -> tuple[dict[str, Reply
         return replies, True
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
         # Lost mid-transaction: nothing we have not heard 2xx for is delivered.
-        lost = Reply(451, "4.4.2", f"{conn.where}: connection lost: {exc}")
+        what = "no reply in time" if isinstance(exc, TimeoutError) else "connection lost"
+        lost = Reply(451, "4.4.2", f"{conn.where}: {what}: {exc}")
         return {r: replies.get(r, lost) for r in delivery.recipients}, False
 
 

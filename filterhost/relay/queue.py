@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import random
 import time
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from filterhost.relay.resolver import DnsFailure, MxHost, Resolver
 from filterhost.spool import RecipientState, Spool, SpoolEntry, new_queue_id
 from filterhost.verdict import Reply
 
-__all__ = ["QueueRunner", "load_credentials", "retry_delay"]
+__all__ = ["QueueRunner", "load_credentials", "retry_delay", "share_of"]
 
 log = logging.getLogger("filterhost.queue")
 HISTORY = 20  # attempts kept per recipient
@@ -52,6 +53,11 @@ def retry_delay(schedule: Sequence[float], attempts: int, *, jitter: float = 0.1
     """
     base = schedule[min(max(attempts, 1), len(schedule)) - 1]
     return base * (1 + random.uniform(0, jitter))  # noqa: S311 - jitter, not crypto
+
+
+def share_of(queue_id: str, count: int) -> int:
+    """Which of ``count`` workers rescans ``queue_id``: the same answer in every process."""
+    return zlib.crc32(queue_id.encode()) % count
 
 
 def load_credentials(path: str) -> Credentials | None:
@@ -120,6 +126,8 @@ class QueueRunner:
         self.rescan_interval = 60.0
         self._mtimes: dict[str, int] = {}
         self._local = {(hp.host, hp.port) for hp in config.server.listen_addresses}
+        self.share = (0, 1)
+        """(index, count): with worker processes, rescans take only this worker's share."""
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -150,9 +158,12 @@ class QueueRunner:
         """
         count = 0
         seen: dict[str, int] = {}
+        index, workers = self.share
         for queue_id in self.spool.queue_ids():
             if queue_id in self._active:
                 continue  # its attempt in flight reschedules it from what it saves
+            if workers > 1 and share_of(queue_id, workers) != index:
+                continue  # another worker's (it delivers what it spooled at once anyway)
             try:
                 mtime = self.spool.entry_path(queue_id).stat().st_mtime_ns
                 seen[queue_id] = mtime
@@ -218,6 +229,20 @@ class QueueRunner:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    def stuck_for(self) -> float | None:
+        """Seconds that due work has waited without being started; None when nothing waits.
+
+        The loop pops due items as soon as a delivery slot is free, so an item long overdue at
+        the top of the heap means the loop died or every slot hangs (the health check's cue).
+        A dead loop counts as stuck from the start.
+        """
+        if self._loop_task is not None and self._loop_task.done():
+            return float("inf")
+        if not self._heap:
+            return None
+        overdue = time.time() - self._heap[0][0]
+        return overdue if overdue > 0 else None
 
     async def _attempt_guarded(self, queue_id: str) -> None:
         try:
@@ -359,6 +384,8 @@ class QueueRunner:
             addresses = [r.address for r in hop.recipients]
             result = AttemptResult(dict.fromkeys(addresses, reply), hop.route.next_hop, 0.0)
             await self._record(entry, txn, hop.recipients, result)
+            if self.hooks.metrics is not None:
+                self.hooks.metrics.delivered(hop.route, hop.recipients)
             return
         size = relay.destination_recipients
         for start in range(0, len(hop.recipients), size):
@@ -383,6 +410,8 @@ class QueueRunner:
                     timeout=relay.smtp_timeout,
                 )
             await self._record(entry, txn, batch, result)
+            if self.hooks.metrics is not None:
+                self.hooks.metrics.delivered(hop.route, batch)
 
     async def _record(
         self,
@@ -395,7 +424,7 @@ class QueueRunner:
         for rcpt in recipients:
             reply = result.replies.get(rcpt.address) or Reply(451, "4.3.0", "no reply recorded")
             log.info(
-                "%s: to=<%s> relay=%s tls=%s conn=%s delay=%.2f reply=%r",
+                "%s: attempt to=<%s> relay=%s tls=%s conn=%s delay=%.3f reply=%r",
                 entry.id,
                 rcpt.address,
                 result.host,

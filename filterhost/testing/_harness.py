@@ -22,6 +22,7 @@ from filterhost.config import Config, Problem
 from filterhost.dispatch import HookRunner
 from filterhost.message import HeaderEdit, Message
 from filterhost.model import EnvelopeEdit, PluginResult, Route, Session, Transaction
+from filterhost.pluginmanager import Plugins
 from filterhost.smtp.data import check_content, decode_body, header_size
 from filterhost.smtp.policy import RELAY_DENIED, is_trusted, recipient_allowed
 from filterhost.spool import new_queue_id
@@ -174,15 +175,37 @@ class Harness:
         *,
         relay: FakeRelay | None = None,
     ) -> None:
-        built = build(plugins, config, HARNESS_DEFAULTS)
-        self.config: Config = built[0]
+        self._setup(*build(plugins, config, HARNESS_DEFAULTS), relay)
+
+    def _setup(
+        self, config: Config, plugins: Plugins, problems: list[Problem], relay: FakeRelay | None
+    ) -> None:
+        self.config: Config = config
         """The checked configuration the plugins get."""
-        self._plugins = built[1]
-        self.problems: list[Problem] = built[2]
+        self._plugins = plugins
+        self.problems: list[Problem] = problems
         """Warnings from the configuration checks (errors raise instead)."""
         self.relay = relay if relay is not None else FakeRelay()
         self.hooks = HookRunner(self._plugins, self.config)
         self._started = False
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        plugins: Plugins,
+        *,
+        relay: FakeRelay | None = None,
+        problems: list[Problem] | None = None,
+    ) -> Harness:
+        """A harness on an already checked configuration and plugin set.
+
+        ``filterhost replay`` runs a conf.d's own chain this way; the caller has checked them,
+        as ``--check-config`` does.
+        """
+        harness = cls.__new__(cls)
+        harness._setup(config, plugins, list(problems or []), relay)
+        return harness
 
     @property
     def plugins(self) -> dict[str, object]:

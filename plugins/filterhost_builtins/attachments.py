@@ -339,6 +339,9 @@ class AttachmentsPlugin:
     """Seconds per call; parsing and looking into the parts of a 25 MB message takes well
     under one second."""
 
+    edits_headers = False
+    """It only decides (reject, quarantine): it may run after dkim without breaking a signature."""
+
     on_error: Literal["tempfail", "pass", "reject"] = "tempfail"
     """If the check itself fails, the client retries later: mail is never passed unchecked."""
 

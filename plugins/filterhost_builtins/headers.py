@@ -160,10 +160,16 @@ def _rule_problems(rule: HeaderRule) -> list[tuple[str, str, bool]]:
             out.append((key, problem, False))
     if rule.action == "remove":
         return out + _remove_rule_problems(rule)
+    article = "an" if rule.action == "add" else "a"
     if not rule.name:
-        out.append(("name", f"a {rule.action} rule needs the field name", False))
+        out.append(("name", f"{article} {rule.action} rule needs the field name", False))
     if not rule.value.strip():
-        out.append(("value", f"a {rule.action} rule needs a value", False))
+        out.append(("value", f"{article} {rule.action} rule needs a value", False))
+    elif not out:
+        try:  # what the rule will do to every message, tried once on an empty one
+            Message(b"\r\n").add_header(rule.name, rule.value)
+        except ValueError as exc:
+            out.append(("value", str(exc), False))
     out.extend(
         (key, f"only remove rules take {key}", False)
         for key in ("pattern", "value_pattern")
@@ -518,7 +524,12 @@ class HeadersPlugin:
             except (ValueError, LookupError, UnicodeError, AttributeError) as exc:
                 log.warning("%s: headers: %s not rewritten: %s", qid, name, exc)
                 continue
-            if new_value is not None:
+            if new_value is None:
+                continue
+            try:
                 message.replace_header(name, new_value)
-                done.append(f"rewrote {name}")
+            except ValueError as exc:  # e.g. a display name too long to fold
+                log.warning("%s: headers: %s not rewritten: %s", qid, name, exc)
+                continue
+            done.append(f"rewrote {name}")
         return done

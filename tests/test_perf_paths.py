@@ -1,0 +1,219 @@
+"""The fast paths of issue 7 keep their contracts: group commit, method discovery, the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+import filterhost.spool as spool_module
+from filterhost.relay.client import ConnectionPool, _Conn
+from filterhost.relay.queue import share_of
+from filterhost.smtp.data import _BAD_BYTES, check_content
+from filterhost.smtp.server import FilterhostSMTP, Handler, _discoverable_names
+from filterhost.spool import RecipientState, Spool, SpoolEntry, new_queue_id
+from tests.components.services import free_port
+from tests.filterhost_fixtures import base_config, running_app
+
+
+def _entry() -> SpoolEntry:
+    return SpoolEntry(
+        id=new_queue_id(),
+        mail_from="alice@example.test",
+        recipients=[RecipientState("a@mx.test")],
+        received=time.time(),
+        size=5,
+    )
+
+
+# -- group commit --------------------------------------------------------------------------
+
+
+async def test_concurrent_stores_share_batches_and_all_are_durable(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.open()
+    entries = [_entry() for _ in range(60)]
+    await asyncio.gather(*(spool.store(e, f"m{i}".encode()) for i, e in enumerate(entries)))
+    # Fewer commits than messages: the point of the group commit.
+    assert spool.batches < len(entries)
+    assert spool.batched_ops == len(entries)
+    for i, entry in enumerate(entries):
+        assert spool.read_message(entry.id) == f"m{i}".encode()
+        assert spool.read_entry(entry.id) == entry
+    await asyncio.gather(*(spool.remove(e.id) for e in entries[:30]))
+    assert sorted(spool.queue_ids()) == sorted(e.id for e in entries[30:])
+    assert not list(spool.queue_dir.glob(".*.tmp"))
+    spool.close()
+
+
+async def test_250_waits_for_the_directory_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """store() returns only after the batch's directory fsync, and fails when it fails."""
+    calls: list[str] = []
+    real = spool_module._fsync_dir
+
+    def failing(path: Path) -> None:
+        calls.append("dir")
+        raise OSError(5, "EIO from the test")
+
+    spool = Spool(tmp_path)
+    spool.open()
+    monkeypatch.setattr(spool_module, "_fsync_dir", failing)
+    with pytest.raises(OSError, match="EIO"):
+        await spool.store(_entry(), b"x")
+    assert calls == ["dir"]
+    monkeypatch.setattr(spool_module, "_fsync_dir", real)
+    await spool.store(_entry(), b"y")  # the spool goes on after a failed batch
+    spool.close()
+
+
+async def test_one_failed_store_does_not_fail_its_batch(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.open()
+    taken = _entry()
+    spool.msg_path(taken.id).write_bytes(b"already there")  # O_EXCL refuses it
+    good = [_entry() for _ in range(5)]
+    results = await asyncio.gather(
+        spool.store(taken, b"x"), *(spool.store(e, b"ok") for e in good), return_exceptions=True
+    )
+    assert isinstance(results[0], FileExistsError)
+    assert results[1:] == [None] * len(good)
+    assert sorted(spool.queue_ids()) == sorted(e.id for e in good)
+    spool.close()
+
+
+async def test_operations_on_one_id_never_share_a_batch(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.open()
+    entry = _entry()
+    await spool.store(entry, b"x")
+    entry.recipients[0].attempts = 1
+    first = asyncio.ensure_future(spool.update(entry))
+    second = asyncio.ensure_future(spool.remove(entry.id))
+    await asyncio.gather(first, second)
+    assert spool.queue_ids() == []
+    assert not os.listdir(spool.queue_dir)
+    spool.close()
+
+
+# -- method discovery ----------------------------------------------------------------------
+
+
+def test_discovery_sees_the_same_methods_as_a_full_dir() -> None:
+    """aiosmtpd finds every smtp_/handle_/auth_ method through the short per-class dir()."""
+    for cls in (FilterhostSMTP, Handler):
+        obj = object.__new__(cls)
+        full = sorted(
+            n for n in object.__dir__(obj) if n.startswith(("smtp_", "handle_", "auth_"))
+        )
+        assert _discoverable_names(obj) == full
+        assert dir(obj) == full
+    assert "smtp_DATA" in dir(object.__new__(FilterhostSMTP))
+    assert {"handle_MAIL", "handle_RCPT"} <= set(dir(object.__new__(Handler)))
+
+
+# -- the outbound connection pool ----------------------------------------------------------
+
+
+class _FakeSMTP:
+    def __init__(self, quit_gate: asyncio.Event | None = None) -> None:
+        self.is_connected = True
+        self.quit_gate = quit_gate
+
+    async def rset(self) -> None:
+        return None
+
+    async def quit(self) -> None:
+        if self.quit_gate is not None:
+            await self.quit_gate.wait()
+        self.is_connected = False
+
+    def close(self) -> None:
+        self.is_connected = False
+
+
+async def test_expire_never_puts_back_a_connection_in_use() -> None:
+    pool = ConnectionPool(idle_time=10.0)
+    key = ("127.0.0.1", 25)
+    gate = asyncio.Event()
+    old = _Conn(_FakeSMTP(gate), "old", "")  # type: ignore[arg-type]
+    fresh = _Conn(_FakeSMTP(), "fresh", "")  # type: ignore[arg-type]
+    pool.give_back(key, old)
+    pool.give_back(key, fresh)
+    old.idle_since = time.monotonic() - 100
+    expiring = asyncio.create_task(pool.expire())
+    await asyncio.sleep(0)  # expire() now waits for the old connection's QUIT
+    assert await pool.take(key) is fresh  # a delivery takes the fresh one meanwhile
+    gate.set()
+    await expiring
+    # The fresh connection is in use: the pool must not hand it out a second time.
+    assert await pool.take(key) is None
+
+
+async def test_the_first_load_of_a_message_just_stored_comes_from_memory(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.open()
+    entry = _entry()
+    await spool.store(entry, b"the bytes")
+    # The file is what was written; the runner's first load does not read it back.
+    spool.msg_path(entry.id).write_bytes(b"changed behind the spool's back")
+    loaded, data = await spool.load(entry.id)
+    assert (loaded, data) == (entry, b"the bytes")
+    # Later loads (retries) read the file again.
+    assert (await spool.load(entry.id))[1] == b"changed behind the spool's back"
+    spool.close()
+
+
+async def test_memory_kept_for_the_runner_is_bounded(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.open()
+    spool.fresh_limit = 10
+    first, second = _entry(), _entry()
+    await spool.store(first, b"123456")
+    await spool.store(second, b"abcdef")  # over the limit: the oldest is forgotten
+    assert spool._fresh_bytes <= 10
+    assert list(spool._fresh) == [second.id]
+    assert (await spool.load(first.id))[1] == b"123456"  # from disk
+    await spool.remove(second.id)
+    assert spool._fresh_bytes == 0
+    spool.close()
+
+
+def test_content_check_fast_path_agrees_with_the_regex() -> None:
+    rng = random.Random(7)
+    for _ in range(20000):
+        content = bytes(rng.choice(b"a\r\n\x00") for _ in range(rng.randint(0, 8)))
+        bad = _BAD_BYTES.search(content) is not None
+        reply = check_content(content)
+        assert (reply is not None) == bad, content
+
+
+# -- the queue runner's rescan with worker shares ------------------------------------------
+
+
+async def test_rescan_takes_every_message_or_exactly_this_workers_share(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    entries = [_entry() for _ in range(12)]
+    for entry in entries:
+        entry.recipients[0].next_attempt = time.time() + 3600  # due later: stays in the heap
+        spool.store_entry(entry, b"x")
+    conf = base_config(tmp_path, free_port(), None, 25)
+    async with running_app(tmp_path, conf) as app:
+        runner = app.queue
+        # One process: the start-up rescan scheduled all of them.
+        assert sorted(runner._due) == sorted(e.id for e in entries)
+        for index in (0, 1):
+            runner._due.clear()
+            runner._heap.clear()
+            runner._mtimes.clear()
+            runner.share = (index, 2)
+            runner.rescan()
+            mine = sorted(e.id for e in entries if share_of(e.id, 2) == index)
+            assert sorted(runner._due) == mine
+    spool.close()
