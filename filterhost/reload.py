@@ -40,6 +40,7 @@ log = logging.getLogger("filterhost")
 RESTART_KEYS = (
     ("server", "listen"),
     ("server", "tls_listen"),
+    ("server", "workers"),  # the master forks the workers once, at start
     ("spool", "directory"),
     ("relay", "concurrency"),
     ("relay", "destination_concurrency"),
