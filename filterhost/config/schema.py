@@ -424,7 +424,7 @@ class MetricsSection:
                 # The endpoint has no authentication: metrics name next hops and plugins.
                 raise SectionError(
                     "listen",
-                    f'{self.listen!r}: metrics are served on a loopback address only, such as '
+                    f"{self.listen!r}: metrics are served on a loopback address only, such as "
                     '"127.0.0.1:9125" (put a reverse proxy in front to expose them)',
                 )
         if self.stuck_after <= 0:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
 from collections.abc import Sequence
 
+from filterhost.model import Session
 from filterhost.smtp.address import canonical_domain
 from filterhost.verdict import Reply
 
@@ -40,3 +42,23 @@ def recipient_allowed(recipient: str, *, trusted: bool, relay_domains: Sequence[
         return False
     domain = canonical_domain(domain)
     return any(domain == canonical_domain(d) for d in relay_domains if d.strip("."))
+
+
+def received_value(session: Session, hostname: str, queue_id: str, recipients: list[str]) -> str:
+    """The value of the ``Received:`` field filterhost adds (RFC 5321 4.4).
+
+    One source for the front end and the author harness, so that both stamp messages alike.
+    """
+    proto = "ESMTP" if session.esmtp else "SMTP"
+    if session.tls:
+        proto += "S"
+    if session.authenticated_as:
+        proto += "A"
+    ip = f"IPv6:{session.client_ip}" if ":" in session.client_ip else session.client_ip
+    value = (
+        f"from {session.helo or 'unknown'} ([{ip}]) by {hostname} "
+        f"(filterhost) with {proto} id {queue_id}"
+    )
+    if len(recipients) == 1:
+        value += f" for <{recipients[0]}>"
+    return f"{value}; {email.utils.formatdate(localtime=True)}"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.utils
 import functools
 import itertools
 import logging
@@ -49,7 +48,7 @@ from filterhost.smtp.address import AddressError, check_mailbox, parse_path
 from filterhost.smtp.auth import Credentials, FailureLimiter
 from filterhost.smtp.data import check_content, decode_body, header_size, read_data
 from filterhost.smtp.params import parse_mail_params, parse_rcpt_params
-from filterhost.smtp.policy import RELAY_DENIED, is_trusted, recipient_allowed
+from filterhost.smtp.policy import RELAY_DENIED, is_trusted, received_value, recipient_allowed
 from filterhost.smtp.replies import with_status
 from filterhost.smtp.tls import server_context
 from filterhost.spool import RecipientState, Spool, SpoolEntry, new_queue_id
@@ -978,21 +977,6 @@ class Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
-    def _received(self, fh: Session, queue_id: str, recipients: list[str]) -> str:
-        proto = "ESMTP" if fh.esmtp else "SMTP"
-        if fh.tls:
-            proto += "S"
-        if fh.authenticated_as:
-            proto += "A"
-        ip = f"IPv6:{fh.client_ip}" if ":" in fh.client_ip else fh.client_ip
-        value = (
-            f"from {fh.helo or 'unknown'} ([{ip}]) by {self.front.config.hostname} "
-            f"(filterhost) with {proto} id {queue_id}"
-        )
-        if len(recipients) == 1:
-            value += f" for <{recipients[0]}>"
-        return f"{value}; {email.utils.formatdate(localtime=True)}"
-
     def _content(self, fh: Session, raw: bytes) -> tuple[bytes, Reply | None]:
         """The message from the DATA bytes, or the reply that refuses it."""
         server = self.front.config.server
@@ -1029,7 +1013,9 @@ class Handler:
             mail_options=list(envelope.mail_options),
             queue_id=queue_id,
         )
-        message.add_header("Received", self._received(fh, queue_id, txn.recipients))
+        message.add_header(
+            "Received", received_value(fh, self.front.config.hostname, queue_id, txn.recipients)
+        )
         message.edits.clear()  # our own trace header is not a plugin's edit
         verdict = await self.front.hooks.chain(
             "filterhost_message", context=queue_id, record=txn.results, transaction=txn

@@ -11,7 +11,6 @@ the harness and through a real server and checks that they agree.
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from filterhost.message import HeaderEdit, Message
 from filterhost.model import EnvelopeEdit, PluginResult, Route, Session, Transaction
 from filterhost.pluginmanager import Plugins
 from filterhost.smtp.data import check_content, decode_body, header_size
-from filterhost.smtp.policy import RELAY_DENIED, is_trusted, recipient_allowed
+from filterhost.smtp.policy import RELAY_DENIED, is_trusted, received_value, recipient_allowed
 from filterhost.spool import new_queue_id
 from filterhost.testing._builders import make_transaction
 from filterhost.testing._config import PluginsArg, build
@@ -377,21 +376,6 @@ class Harness:
         assert reply is not None
         return Outcome(phase, reply, verdict, txn, trace)
 
-    def _received(self, session: Session, queue_id: str, recipients: list[str]) -> str:
-        proto = "ESMTP" if session.esmtp else "SMTP"
-        if session.tls:
-            proto += "S"
-        if session.authenticated_as:
-            proto += "A"
-        ip = f"IPv6:{session.client_ip}" if ":" in session.client_ip else session.client_ip
-        value = (
-            f"from {session.helo or 'unknown'} ([{ip}]) by {self.config.hostname} "
-            f"(filterhost) with {proto} id {queue_id}"
-        )
-        if len(recipients) == 1:
-            value += f" for <{recipients[0]}>"
-        return f"{value}; {email.utils.formatdate(localtime=True)}"
-
     def _refusal_before_chain(self, txn: Transaction) -> Reply | None:
         """The front end's checks at DATA, before the chain; the message is re-read as bytes.
 
@@ -437,7 +421,8 @@ class Harness:
             return ended(refused)
         txn.queue_id = new_queue_id()
         txn.message.add_header(
-            "Received", self._received(txn.session, txn.queue_id, txn.recipients)
+            "Received",
+            received_value(txn.session, self.config.hostname, txn.queue_id, txn.recipients),
         )
         txn.message.edits.clear()  # the front end's trace field is not a plugin's edit
         verdict = await self.hooks.chain(
