@@ -25,7 +25,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from types import FrameType
+from typing import Any
 
 from filterhost.app import App
 from filterhost.config import Config
@@ -54,12 +56,27 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
+def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on the event loop ``[server] event_loop`` names.
+
+    uvloop runs the same asyncio code on libuv: fewer Python frames per read, write and timer,
+    which is most of what a relay does per message (bench/PERF-LOG.md, step 7).
+    """
+    if config.server.event_loop == "uvloop":
+        import uvloop  # noqa: PLC0415 - only when asked for
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+        return
+    asyncio.run(main)
+
+
 def serve(config: Config, plugins: Plugins) -> int:
     """Serve until SIGTERM; returns the exit status. Raises OSError when a listener fails."""
     _tune_gc()  # before fork: the workers inherit the frozen objects (and share their pages)
     workers = config.server.workers
     if workers <= 1:
-        asyncio.run(App(config, plugins).run())
+        run_loop(config, App(config, plugins).run())
         return 0
     return _Master(config, plugins, workers).run()
 
@@ -70,7 +87,7 @@ def _worker_main(config: Config, plugins: Plugins, index: int, count: int) -> in
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, RESCAN_SIGNAL):
         signal.signal(sig, signal.SIG_DFL)
     try:
-        asyncio.run(App(config, plugins, worker=index, workers=count).run())
+        run_loop(config, App(config, plugins, worker=index, workers=count).run())
     except OSError as exc:
         log.error("worker %d: cannot start: %s", index, exc)
         return 1

@@ -108,9 +108,7 @@ def test_discovery_sees_the_same_methods_as_a_full_dir() -> None:
     """aiosmtpd finds every smtp_/handle_/auth_ method through the short per-class dir()."""
     for cls in (FilterhostSMTP, Handler):
         obj = object.__new__(cls)
-        full = sorted(
-            n for n in object.__dir__(obj) if n.startswith(("smtp_", "handle_", "auth_"))
-        )
+        full = sorted(n for n in object.__dir__(obj) if n.startswith(("smtp_", "handle_", "auth_")))
         assert _discoverable_names(obj) == full
         assert dir(obj) == full
     assert "smtp_DATA" in dir(object.__new__(FilterhostSMTP))
@@ -120,13 +118,15 @@ def test_discovery_sees_the_same_methods_as_a_full_dir() -> None:
 # -- the outbound connection pool ----------------------------------------------------------
 
 
-class _FakeSMTP:
+class _FakeHop:
+    """Stands in for a NextHop session: only the pool's view of it (open, closed, quit)."""
+
     def __init__(self, quit_gate: asyncio.Event | None = None) -> None:
         self.is_connected = True
         self.quit_gate = quit_gate
 
-    async def rset(self) -> None:
-        return None
+    async def reset(self) -> bool:
+        return self.is_connected
 
     async def quit(self) -> None:
         if self.quit_gate is not None:
@@ -141,8 +141,8 @@ async def test_expire_never_puts_back_a_connection_in_use() -> None:
     pool = ConnectionPool(idle_time=10.0)
     key = ("127.0.0.1", 25)
     gate = asyncio.Event()
-    old = _Conn(_FakeSMTP(gate), "old", "")  # type: ignore[arg-type]
-    fresh = _Conn(_FakeSMTP(), "fresh", "")  # type: ignore[arg-type]
+    old = _Conn(_FakeHop(gate), "old", "")  # type: ignore[arg-type]
+    fresh = _Conn(_FakeHop(), "fresh", "")  # type: ignore[arg-type]
     pool.give_back(key, old)
     pool.give_back(key, fresh)
     old.idle_since = time.monotonic() - 100

@@ -161,6 +161,10 @@ class ServerSection:
         metadata=_help("most time to receive one message's DATA, however it trickles in"),
     )
     # -- processes (issue 7) --
+    event_loop: Literal["uvloop", "asyncio"] = field(
+        default="uvloop",
+        metadata=_help("the event loop: uvloop (libuv, faster) or Python's own asyncio loop"),
+    )
     workers: int = field(
         default=1,
         metadata=_help(

@@ -17,10 +17,11 @@ import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import aiosmtplib
 
+from filterhost.relay.pipeline import NextHop, Outcome
 from filterhost.relay.resolver import MxHost
 from filterhost.verdict import Reply
 
@@ -104,6 +105,10 @@ class AttemptResult:
     """True when the transaction went over a connection kept from an earlier message."""
 
 
+class _StaleConnection(Exception):
+    """A kept connection was found dead before the server answered anything of a message."""
+
+
 class _TryNextHost(Exception):
     """The host failed as a whole (connection, greeting, TLS, MAIL 4xx): the next may do."""
 
@@ -114,14 +119,18 @@ class _TryNextHost(Exception):
 
 @dataclass(slots=True)
 class _Conn:
-    smtp: aiosmtplib.SMTP
+    hop: NextHop
     where: str
     tls: str
     idle_since: float = 0.0
 
 
 class ConnectionPool:
-    """Idle connections per next hop, reused for ``idle_time`` seconds (RSET between uses)."""
+    """Idle connections per next hop, reused for ``idle_time`` seconds.
+
+    A connection whose last transaction ended cleanly (the server answered the final dot, or
+    refused MAIL) goes straight to the next MAIL; one left mid-transaction gets an RSET first.
+    """
 
     def __init__(self, idle_time: float) -> None:
         self.idle_time = idle_time
@@ -135,13 +144,8 @@ class ConnectionPool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since > self.idle_time or not conn.smtp.is_connected:
-                await _close(conn.smtp)
-                continue
-            try:
-                await conn.smtp.rset()
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                await _close(conn.smtp)
+            if now - conn.idle_since > self.idle_time or not await conn.hop.reset():
+                await conn.hop.quit()
                 continue
             self.reused += 1
             return conn
@@ -149,8 +153,8 @@ class ConnectionPool:
 
     def give_back(self, key: tuple[object, ...], conn: _Conn) -> None:
         """Keep ``conn`` for the next message to the same hop."""
-        if self.idle_time <= 0 or not conn.smtp.is_connected:
-            conn.smtp.close()
+        if self.idle_time <= 0 or not conn.hop.is_connected:
+            conn.hop.close()
             return
         conn.idle_since = time.monotonic()
         self._idle.setdefault(key, []).append(conn)
@@ -170,23 +174,14 @@ class ConnectionPool:
             else:
                 del self._idle[key]
         for conn in expired:
-            await _close(conn.smtp)
+            await conn.hop.quit()
 
     async def close(self) -> None:
         """QUIT every idle connection."""
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
-                await _close(conn.smtp)
-
-
-async def _close(smtp: aiosmtplib.SMTP) -> None:
-    if smtp.is_connected:
-        try:
-            async with asyncio.timeout(5):
-                await smtp.quit()
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            smtp.close()
+                await conn.hop.quit()
 
 
 async def _tcp_socket(address: str, port: int, timeout: float) -> socket.socket:
@@ -333,55 +328,109 @@ async def _open(  # noqa: PLR0912 - each step of a session's set-up has its own 
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
         smtp.close()
         raise _TryNextHost(Reply(451, "4.4.2", f"{where}: {exc}")) from None
-    return _Conn(smtp, where, tls_info)
+    # aiosmtplib's part ends here: the transactions go through NextHop (pipelined).
+    # (uvloop's transports are not asyncio.Transport subclasses: a cast, not isinstance.)
+    transport = cast(asyncio.Transport, smtp.transport)
+    hop = NextHop(transport, set(smtp.esmtp_extensions), timeout)
+    return _Conn(hop, where, tls_info)
 
 
-async def _transaction(conn: _Conn, delivery: Delivery) -> tuple[dict[str, Reply], bool]:
-    """MAIL, RCPT per recipient, DATA. Returns the replies, and whether ``conn`` is reusable."""
-    smtp = conn.smtp
-    dsn = smtp.supports_extension("dsn")
+def _is_dsn_rcpt(option: str) -> bool:
+    return option.upper().startswith(_DSN_RCPT)
+
+
+@dataclass(frozen=True, slots=True)
+class _Session:
+    helo: str
+    tls: TlsSettings
+    credentials: Credentials | None
+    connect_timeout: float
+    timeout: float
+
+
+async def _open_counted(
+    pool: ConnectionPool, host: MxHost, address: str, port: int, session: _Session
+) -> _Conn:
+    conn = await _open(
+        host,
+        address,
+        port,
+        helo=session.helo,
+        tls=session.tls,
+        credentials=session.credentials,
+        connect_timeout=session.connect_timeout,
+        timeout=session.timeout,
+    )
+    pool.opened += 1
+    return conn
+
+
+def _session_failure(outcome: Outcome, where: str) -> Reply | None:
+    """The reply for recipients left without one when the session broke (None if it did not)."""
+    error = outcome.error
+    if error is None:
+        return None
+    last = outcome.last
+    if last is not None and last.code == 421:
+        # The server said why it hung up: that says more than "connection lost".
+        return remote_reply(last.code, last.text)
+    what = "no reply in time" if isinstance(error, TimeoutError) else "connection lost"
+    return Reply(451, "4.4.2", f"{where}: {what}: {error}")
+
+
+async def _transaction(
+    conn: _Conn, delivery: Delivery, *, reused: bool
+) -> tuple[dict[str, Reply], bool]:
+    """MAIL, RCPT per recipient, DATA. Returns the replies, and whether ``conn`` is reusable.
+
+    Raises :class:`_StaleConnection` when a kept connection turns out dead before the server
+    said anything about this message (it closed while idle, or sent 421): the caller opens a
+    new one, since nothing of this transaction reached the server.
+    """
+    hop = conn.hop
+    dsn = "dsn" in hop.extensions
     mail_options = [o for o in delivery.mail_options if dsn or not o.upper().startswith(_DSN_MAIL)]
-    if "8bitmime" in smtp.esmtp_extensions and any(
+    if "8bitmime" not in hop.extensions or not any(
         o.upper() == "BODY=8BITMIME" for o in delivery.mail_options
     ):
-        mail_options = list(mail_options)
-    else:
         mail_options = [o for o in mail_options if not o.upper().startswith("BODY=")]
+    recipients = [
+        (rcpt, [o for o in delivery.rcpt_options.get(rcpt, []) if dsn and _is_dsn_rcpt(o)])
+        for rcpt in delivery.recipients
+    ]
+    outcome = await hop.transaction(delivery.sender, mail_options, recipients, delivery.data)
+    mail, error = outcome.mail, outcome.error
+    if reused and (
+        (mail is None and error is not None and not isinstance(error, TimeoutError))
+        or (mail is not None and mail.code == 421 and not outcome.rcpts)
+    ):
+        hop.close()
+        raise _StaleConnection
+    lost = _session_failure(outcome, conn.where)
+    if mail is None or not mail.ok:
+        reply = lost if mail is None else remote_reply(mail.code, mail.text)
+        assert reply is not None
+        if reply.is_permanent:
+            return dict.fromkeys(delivery.recipients, reply), hop.is_connected
+        hop.close()
+        raise _TryNextHost(reply)
     replies: dict[str, Reply] = {}
-    try:
-        try:
-            await smtp.mail(delivery.sender, options=mail_options)
-        except aiosmtplib.SMTPResponseException as exc:
-            reply = remote_reply(exc.code, exc.message)
-            if reply.is_permanent:
-                return dict.fromkeys(delivery.recipients, reply), True
-            raise _TryNextHost(reply) from None
-        accepted: list[str] = []
+    accepted: list[str] = []
+    for rcpt, answer in zip(delivery.recipients, outcome.rcpts, strict=False):
+        if answer.ok:
+            accepted.append(rcpt)
+        else:
+            replies[rcpt] = remote_reply(answer.code, answer.text)
+    end = outcome.final or outcome.data
+    if end is not None and (outcome.final is not None or end.code != 354):
+        for rcpt in accepted:
+            replies[rcpt] = remote_reply(end.code, end.text)
+    if lost is not None:
+        # Nothing we have not heard 2xx for (to RCPT and to the end of the message) is
+        # delivered: every recipient without a reply of its own gets the session's failure.
         for rcpt in delivery.recipients:
-            options = [
-                o
-                for o in delivery.rcpt_options.get(rcpt, [])
-                if dsn and o.upper().startswith(_DSN_RCPT)
-            ]
-            try:
-                await smtp.rcpt(rcpt, options=options)
-                accepted.append(rcpt)
-            except aiosmtplib.SMTPResponseException as exc:
-                replies[rcpt] = remote_reply(exc.code, exc.message)
-        if accepted:
-            try:
-                response = await smtp.data(delivery.data)
-                reply = remote_reply(response.code, response.message)
-            except aiosmtplib.SMTPResponseException as exc:
-                reply = remote_reply(exc.code, exc.message)
-            for rcpt in accepted:
-                replies[rcpt] = reply
-        return replies, True
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
-        # Lost mid-transaction: nothing we have not heard 2xx for is delivered.
-        what = "no reply in time" if isinstance(exc, TimeoutError) else "connection lost"
-        lost = Reply(451, "4.4.2", f"{conn.where}: {what}: {exc}")
-        return {r: replies.get(r, lost) for r in delivery.recipients}, False
+            replies.setdefault(rcpt, lost)
+    return replies, hop.is_connected
 
 
 async def deliver(
@@ -405,6 +454,7 @@ async def deliver(
     """
     started = time.monotonic()
     last = Reply(451, "4.4.1", "no host to deliver to")
+    session = _Session(helo, tls, credentials, connect_timeout, timeout)
     telling: Reply | None = None  # a failure that says more than "connection refused"
     where = "-"
     for host in hosts:
@@ -414,22 +464,18 @@ async def deliver(
             conn = await pool.take(key)
             reused = conn is not None
             try:
-                if conn is None:
-                    conn = await _open(
-                        host,
-                        address,
-                        port,
-                        helo=helo,
-                        tls=tls,
-                        credentials=credentials,
-                        connect_timeout=connect_timeout,
-                        timeout=timeout,
-                    )
-                    pool.opened += 1
-                replies, reusable = await _transaction(conn, delivery)
+                try:
+                    if conn is None:
+                        conn = await _open_counted(pool, host, address, port, session)
+                    replies, reusable = await _transaction(conn, delivery, reused=reused)
+                except _StaleConnection:
+                    log.debug("kept connection to %s was closed; opening a new one", where)
+                    reused = False
+                    conn = await _open_counted(pool, host, address, port, session)
+                    replies, reusable = await _transaction(conn, delivery, reused=False)
             except _TryNextHost as exc:
                 if conn is not None:
-                    await _close(conn.smtp)
+                    await conn.hop.quit()
                 last = exc.reply
                 if telling is None and last.status != "4.4.1":
                     telling = last
@@ -437,12 +483,12 @@ async def deliver(
                 continue
             except BaseException:
                 if conn is not None:
-                    conn.smtp.close()
+                    conn.hop.close()
                 raise
             if reusable:
                 pool.give_back(key, conn)
             else:
-                conn.smtp.close()
+                conn.hop.close()
             return AttemptResult(replies, where, time.monotonic() - started, conn.tls, reused)
     # Report what went wrong at the most telling host: a TLS or AUTH failure at the primary MX
     # matters more than the backup MXs being down.

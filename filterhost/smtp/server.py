@@ -309,6 +309,18 @@ class FilterhostSMTP(SMTP):
             front.idle.set()
         super().connection_lost(error)
 
+    def eof_received(self) -> bool:
+        """The client closed its side: the session ends (the transport closes itself).
+
+        aiosmtpd cancels the session task and keeps the transport half open for that task to
+        close. Under uvloop the EOF of a client that connects and hangs up at once can arrive
+        before the task's first step; cancelled before it ran, the task closed nothing, and
+        the connection stayed counted against the limits for ever. Returning False closes
+        the transport here, whatever the task got to do.
+        """
+        super().eof_received()
+        return False
+
     def _say_and_close(self, line: str) -> None:
         """Send a last reply and close (buffered data is flushed first)."""
         transport = self.transport
