@@ -115,6 +115,50 @@ def test_discovery_sees_the_same_methods_as_a_full_dir() -> None:
     assert {"handle_MAIL", "handle_RCPT"} <= set(dir(object.__new__(Handler)))
 
 
+# Shared on purpose by every session of a config: the settings and the method tables whose
+# bound methods belong to the (shared) handler, or that filterhost never calls (its own AUTH).
+_SHARED = {
+    "event_handler",
+    "_handle_hooks",
+    "_auth_methods",
+    "tls_context",
+    "loop",
+    "_loop",
+    "front",
+    "_auth_callback",
+    "_authenticator",
+    "listener",
+    "limits",
+}
+
+
+async def test_a_session_from_the_template_shares_no_state(tmp_path: Path) -> None:
+    """A session made from the template equals one made by aiosmtpd's __init__, and shares
+    no mutable state with it or with another session (a new aiosmtpd that adds per-session
+    state makes this fail: the template must then reset it)."""
+    conf = base_config(tmp_path, free_port(), None, 25)
+    async with running_app(tmp_path, conf) as app:
+        front = app.front
+        listener = front.listeners()[0]
+        front.smtp_templates.clear()
+        full = front.protocol(listener)  # aiosmtpd's __init__; becomes the template
+        assert front.smtp_templates
+        one, two = front.protocol(listener), front.protocol(listener)
+    assert vars(one).keys() == vars(full).keys()
+    for name, value in vars(full).items():
+        copied = vars(one)[name]
+        assert type(copied) is type(value), name
+        if name in _SHARED or isinstance(value, (str, bytes, int, float, bool, type(None))):
+            assert copied == value, name
+            continue
+        # Everything else is per session: never the same object in two sessions.
+        assert copied is not value, name
+        assert copied is not vars(two)[name], name
+    assert one._smtp_methods.keys() == full._smtp_methods.keys()
+    assert all(m.__self__ is one for m in one._smtp_methods.values())
+    assert one._stream_reader is not full._stream_reader
+
+
 # -- the outbound connection pool ----------------------------------------------------------
 
 
@@ -216,4 +260,24 @@ async def test_rescan_takes_every_message_or_exactly_this_workers_share(tmp_path
             runner.rescan()
             mine = sorted(e.id for e in entries if share_of(e.id, 2) == index)
             assert sorted(runner._due) == mine
+    spool.close()
+
+
+async def test_the_first_load_takes_the_entry_kept_in_memory_only_while_its_file_is_unchanged(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    spool.open()
+    kept, changed = _entry(), _entry()
+    await spool.store(kept, b"one")
+    await spool.store(changed, b"two")
+    # The queue CLI's way of changing an entry: a new file renamed over the old one.
+    held = SpoolEntry.from_json(spool.entry_path(changed.id).read_bytes())
+    held.hold = True
+    spool.write_entry(held)
+    entry, _ = await spool.load(kept.id)
+    assert entry is kept  # unchanged on disk: no read
+    entry, _ = await spool.load(changed.id)
+    assert entry.hold  # changed on disk: read back
+    assert entry is not changed
     spool.close()

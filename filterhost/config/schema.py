@@ -6,6 +6,7 @@ Keys, types and defaults live here and nowhere else; ``help`` metadata is what t
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=256)  # pure, and asked for the smart host once per message
 def parse_host_port(text: str, default_port: int | None = None) -> HostPort:
     """Parse ``host:port``, ``[v6]:port`` (or a bare host when ``default_port`` is given)."""
     host, port_text = text, ""
