@@ -45,9 +45,10 @@ start_sink() {
 }
 stop_sink() { stop_pid "$SINK_PID"; SINK_PID=""; }
 
-# write_fh_conf CONFDIR [CLAMD_SOCKET]: filterhost relaying everything to the sink, spool in WORK
-# (a real disk, so its fsyncs cost what they cost in production); the clamav plugin when a
-# socket is given, no plugin otherwise.
+# write_fh_conf CONFDIR [CLAMD_SOCKET | chain]: filterhost relaying everything to the sink, spool
+# in WORK (a real disk, so its fsyncs cost what they cost in production); the clamav plugin when
+# a socket is given, the shipped default chain minus clamav (attachments, headers, routing, each
+# configured to work on every bench message: see below) for `chain`, no plugin otherwise.
 write_fh_conf() {
   local conf=$1 clamd_socket=${2:-}
   mkdir -p "$conf"
@@ -73,7 +74,25 @@ mode = "smarthost"
 smarthost = "127.0.0.1:$SINK_PORT"
 smarthost_tls_policy = "none"
 EOF
-  if [ -n "$clamd_socket" ]; then
+  if [ "$clamd_socket" = chain ]; then
+    # headers: the bench client (127.0.0.1) is internal, so filterhost's own Received loses its
+    # "from" part, and smtp-source's sender@example.test becomes sender@example.net in the
+    # envelope and in From. routing: one transport entry the bench traffic (rcpt@example.test)
+    # does not match, so every recipient is looked up and still goes to [relay] smarthost.
+    cat >> "$conf/00-bench.toml" <<EOF
+
+[plugins]
+order = ["attachments", "headers", "routing"]
+
+[plugins.headers]
+strip_topology = true
+internal_networks = ["127.0.0.0/8"]
+sender_rewrite = { "@example.test" = "@example.net" }
+
+[plugins.routing]
+transport = { "partner.example" = "hold" }
+EOF
+  elif [ -n "$clamd_socket" ]; then
     cat >> "$conf/00-bench.toml" <<EOF
 
 [plugins]

@@ -28,6 +28,7 @@ LABELS = {
     "limit": "ceiling: smtp-source -> smtp-sink",
     "postfix": "Postfix relay (private instance)",
     "filterhost": "filterhost, no plugin",
+    "filterhost_chain": "filterhost + default chain (attachments, headers, routing)",
     "filterhost_clamav": "filterhost + clamav plugin",
 }
 MIB = 1024
@@ -336,6 +337,10 @@ HOW_TO_READ = """## How to read this
 - **Peak memory**: VmHWM of the largest process; for multi-process servers also the RSS sum
   (shared pages counted once per process) and the PSS sum (shared pages divided).
 - **e2e per run** shows the spread; treat differences within it as noise.
+- **filterhost + default chain**: the shipped chain without clamav (attachments, headers,
+  routing), configured in `write_fh_conf` (bench/common.sh) to work on every message: the sender
+  rewritten in the envelope and From, filterhost's own Received without its "from" part, and a
+  transport-map lookup per recipient that leaves the next hop to `[relay] smarthost`.
 """
 
 

@@ -7,7 +7,9 @@
 #   SYSTEMS="postfix filterhost" SCENARIOS="5k_s20:2000:20:5000" bench/run.sh
 #
 # Knobs (environment):
-#   SYSTEMS    limit postfix filterhost filterhost_clamav clamd (positional arguments also work)
+#   SYSTEMS    limit postfix filterhost filterhost_chain filterhost_clamav clamd (positional
+#              arguments also work); filterhost_chain is the shipped default chain minus clamav
+#              (attachments, headers, routing), configured by write_fh_conf in common.sh
 #   SCENARIOS  default: "5k_s$SESS:$N_5K:$SESS:5000 5k_s1:$N_5K_1S:1:5000
 #              1m_s$SESS:$N_1M:$SESS:1000000 idle:$IDLE_SESS inflight:$INFLIGHT:1000000"
 #              NAME:N:SESSIONS:BYTES is a throughput scenario (every system);
@@ -37,7 +39,7 @@ if [ -z "${BENCH_IN_NETNS:-}" ]; then
   exec "$ROOT/scripts/netns-run" bash "$0" "$@"
 fi
 
-SYSTEMS=${*:-${SYSTEMS:-limit postfix filterhost filterhost_clamav clamd}}
+SYSTEMS=${*:-${SYSTEMS:-limit postfix filterhost filterhost_chain filterhost_clamav clamd}}
 RUNS=${RUNS:-3}
 SESS=${SESS:-20}
 N_5K=${N_5K:-10000}
@@ -58,8 +60,9 @@ done
 [ -x "$PY" ] || { echo "bench: no $PY: run make venv" >&2; exit 1; }
 for sys in $SYSTEMS; do
   case "$sys" in
-  limit | postfix | filterhost | filterhost_clamav | clamd) ;;
-  *) echo "bench: unknown system '$sys' (limit postfix filterhost filterhost_clamav clamd)" >&2
+  limit | postfix | filterhost | filterhost_chain | filterhost_clamav | clamd) ;;
+  *) echo "bench: unknown system '$sys'" \
+       "(limit postfix filterhost filterhost_chain filterhost_clamav clamd)" >&2
      exit 2 ;;
   esac
 done
@@ -118,6 +121,13 @@ start_system() {
     rm -rf "$WORK/conf.d" "$WORK/filterhost-spool"
     write_fh_conf "$WORK/conf.d"
     start_fh "$WORK/conf.d" "$OUT/logs/filterhost.log"
+    FRONT=$FRONT_PORT
+    MON_GROUPS+=("server=$FH_PID")
+    ;;
+  filterhost_chain)
+    rm -rf "$WORK/conf.d" "$WORK/filterhost-spool"
+    write_fh_conf "$WORK/conf.d" chain
+    start_fh "$WORK/conf.d" "$OUT/logs/filterhost_chain.log"
     FRONT=$FRONT_PORT
     MON_GROUPS+=("server=$FH_PID")
     ;;

@@ -42,6 +42,8 @@ class App:
         self.workers = workers
         self.hooks = HookRunner(plugins, config)
         self.spool = Spool(config.spool_directory)
+        if config.spool.journal:
+            self.spool.use_journal(worker, workers)
         self.resolver = Resolver(config.relay.nameserver_addresses)
         self.queue = QueueRunner(self.spool, config, self.hooks, self.resolver)
         self.front = FrontEnd(config, self.hooks, self.spool, self._queued)

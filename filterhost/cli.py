@@ -15,7 +15,7 @@ from filterhost.logs import LogFormat, setup_logging
 from filterhost.quarantine import QuarantineControl, run_quarantine_command
 from filterhost.queuectl import LOCK_TIMEOUT, QueueControl, act_as_spool_owner, run_command
 from filterhost.smtp.auth import passwd_main
-from filterhost.spool import Spool
+from filterhost.spool import Spool, server_running
 from filterhost.workers import serve
 
 __all__ = ["main"]
@@ -98,6 +98,9 @@ def _queue(args: argparse.Namespace) -> int:
     spool = Spool(config.spool_directory)
     act_as_spool_owner(spool)
     try:
+        if (spool.directory / "journal").is_dir() and not server_running(spool.directory):
+            # No server to finish them: what it left in its journal becomes queue files now.
+            spool.recover_journal()
         wait: float = getattr(args, "wait", LOCK_TIMEOUT)
         ctl = QueueControl(
             spool,

@@ -150,7 +150,8 @@ class _LiveState(Collector):
         yield GaugeMetricFamily(
             "filterhost_sessions_active", "SMTP sessions open now", value=len(front.sessions)
         )
-        ids = self.app.spool.queue_ids()
+        # Files, and what is still in the journal (the first attempt, which may be slow).
+        ids = sorted({*self.app.spool.queue_ids(), *self.app.spool.journal_ids()})
         yield GaugeMetricFamily(
             "filterhost_queue_messages", "Messages in the queue (held ones included)", len(ids)
         )

@@ -150,15 +150,29 @@ class AreaControl:
         """After a change: True if a running server was asked to rescan, False if none runs."""
 
     def entries(self) -> list[SpoolEntry]:
-        """Every message of the area, oldest first (empty when it does not exist yet)."""
+        """Every message of the area, oldest first (empty when it does not exist yet).
+
+        In the queue: with the messages in the server's journal (their first attempt).
+        """
         if not self.area.queue_dir.is_dir():
             return []
-        return list(self.area.entries())
+        files = list(self.area.entries())
+        known = {e.id for e in files}
+        fresh = [e for e in self._journal() if e.id not in known]
+        return sorted(files + fresh, key=lambda e: e.id) if fresh else files
+
+    def _journal(self) -> list[SpoolEntry]:
+        if self.area.queue_dir.name != "queue":
+            return []  # only the queue has a journal
+        return self.area.journal_entries()
+
+    def _in_journal(self, queue_id: str) -> bool:
+        return any(e.id == queue_id for e in self._journal())
 
     def resolve(self, id_or_prefix: str) -> str:
         """The id that ``id_or_prefix`` names: the id itself or an unambiguous prefix."""
         token = id_or_prefix.strip().upper()
-        ids = self.area.queue_ids() if self.area.queue_dir.is_dir() else []
+        ids = [e.id for e in self.entries()]
         if token in ids:
             return token
         matches = [i for i in ids if i.upper().startswith(token)] if token else []
@@ -186,7 +200,20 @@ class AreaControl:
         waiting = False
         while True:
             if not self.area.entry_path(queue_id).exists():
-                raise self._gone(queue_id)
+                if not self._in_journal(queue_id):
+                    raise self._gone(queue_id)
+                # In its first delivery attempt (the server's journal): it is either gone soon
+                # or moved to files of its own, which we can then change. Wait, as for a lock.
+                if not waiting and self.on_wait is not None:
+                    self.on_wait(queue_id)
+                waiting = True
+                if time.monotonic() >= deadline:
+                    raise MessageBusyError(
+                        f"{queue_id} is busy: it is in its first delivery attempt "
+                        f"(waited {self.lock_timeout:g}s); try again"
+                    )
+                time.sleep(LOCK_POLL)
+                continue
             with self.area.locked(queue_id) as mine:  # non-blocking
                 if mine:
                     try:

@@ -15,6 +15,10 @@ fsynced concurrently (so the journal commits them together), renamed into place,
 one ``fsync`` of the directory. Every caller is answered only after that, so "250 after fsync"
 holds for each message, and concurrent sessions share the directory fsyncs and journal commits.
 
+With the journal on (``[spool] journal``, :mod:`filterhost.journal`), a new message's first
+home is instead one record appended to ``journal/``; it gets the two files above only when it
+must wait (:meth:`Spool.update`), so most messages never become files at all.
+
 Several processes may share a spool: a delivery attempt holds an exclusive ``flock`` on the
 ``.msg`` file, so one message is never delivered by two processes at once, and the queue CLI
 takes the same lock before it changes anything.
@@ -40,6 +44,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from filterhost.journal import DONE, STORE, Journal, live_messages
+
 __all__ = [
     "PIDFILE",
     "RESCAN_SIGNAL",
@@ -48,6 +54,7 @@ __all__ = [
     "SpoolEntry",
     "new_queue_id",
     "notify_server",
+    "server_running",
 ]
 
 PIDFILE = "filterhost.pid"
@@ -209,18 +216,44 @@ class Spool:
         self._fresh_entries: dict[str, tuple[tuple[int, int], SpoolEntry]] = {}
         self._dir = str(self.queue_dir)
         self.fresh_limit = _FRESH_LIMIT if area == "queue" else 0
+        self.journal: Journal | None = None
+        """New messages' first home, when enabled (:meth:`use_journal`, before :meth:`open`)."""
+        self._journal_entries: dict[str, SpoolEntry] = {}
+
+    def use_journal(self, index: int = 0, count: int = 1) -> None:
+        """Store new messages in the journal (:mod:`filterhost.journal`) of worker ``index``.
+
+        The server's queue does; the queue CLI and the quarantine work on files only, and
+        every message the CLI can act on is in files (see :meth:`update`).
+        """
+        self.journal = Journal(self.directory / "journal", index, count)
 
     def open(self) -> None:
-        """Create the directories if needed and check that the spool is writable."""
+        """Create the directories if needed and check that the spool is writable.
+
+        Messages a stopped process left in its journal move to the queue (as files).
+        """
         self.queue_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         probe = self.queue_dir / f".probe-{os.getpid()}"
         _write_file(probe, b"probe", exclusive=False)
         probe.unlink()
+        if self.journal is not None:
+            self.journal.recover(self._spill_recovered)
+
+    def _spill_recovered(self, queue_id: str, entry: bytes, data: bytes) -> None:
+        # A crash between a spill and its DONE leaves the files and the record: write again.
+        _write_file(self.msg_path(queue_id), data, exclusive=False)
+        self._write_entry(SpoolEntry.from_json(entry))
 
     def close(self) -> None:
         """Wait for pending writes and stop the thread pools."""
         self._pool.shutdown(wait=True)
         self._syncs.shutdown(wait=True)
+        if self.journal is not None:
+            self.journal.close()
+            # A clean stop leaves the queue in files only: the CLI and the next start need
+            # no journal for what was still waiting for its first attempt.
+            self.journal.recover(self._spill_recovered)
 
     def msg_path(self, queue_id: str) -> Path:
         """The ``.msg`` file of ``queue_id``."""
@@ -259,7 +292,13 @@ class Spool:
         The runner's first :meth:`load` of it gets ``entry`` itself, unless the entry file
         changed meanwhile: the caller must not change ``entry`` after this.
         """
-        written = await self._commit("store", entry.id, entry, data)
+        journal = self.journal
+        if journal is not None:
+            await journal.append(STORE, entry.id, entry.to_json(), data)
+            self._journal_entries[entry.id] = entry
+            written = None
+        else:
+            written = await self._commit("store", entry.id, entry, data)
         if len(data) <= self.fresh_limit:
             self._fresh[entry.id] = data
             if written is not None:
@@ -271,17 +310,34 @@ class Spool:
     def _forget(self, queue_id: str) -> bytes | None:
         data = self._fresh.pop(queue_id, None)
         self._fresh_entries.pop(queue_id, None)
+        self._journal_entries.pop(queue_id, None)
         if data is not None:
             self._fresh_bytes -= len(data)
         return data
 
     async def update(self, entry: SpoolEntry) -> None:
-        """Durably replace the entry's state."""
+        """Durably replace the entry's state.
+
+        A message still in the journal moves to files of its own first (durably, before its
+        DONE record): from its first deferral, hold or bounce on, the queue CLI sees it.
+        """
+        journal = self.journal
+        if journal is not None and entry.id in journal:
+            data = self._forget(entry.id)
+            if data is None:
+                data = await self._run(journal.data, entry.id)
+            await self._commit("store", entry.id, entry, data)
+            await journal.append(DONE, entry.id)
+            return
         await self._commit("update", entry.id, entry, None)
 
     async def remove(self, queue_id: str) -> None:
         """Remove a finished message (durably, entry first, so it is never half queued)."""
         self._forget(queue_id)
+        journal = self.journal
+        if journal is not None and queue_id in journal:
+            await journal.append(DONE, queue_id)
+            return
         await self._commit("remove", queue_id, None, None)
 
     # -- group commit ----------------------------------------------------------------------
@@ -421,6 +477,14 @@ class Spool:
         used only while its file is still the one :meth:`store` wrote (same inode and
         mtime); otherwise, and for every later load, the entry is read from disk.
         """
+        journal = self.journal
+        if journal is not None and queue_id in journal:
+            # Only this process knows it (the CLI acts on files): the entry kept is current.
+            kept = self._journal_entries.get(queue_id)
+            data = self._forget(queue_id)
+            if data is None:
+                data = await self._run(journal.data, queue_id)
+            return kept or SpoolEntry.from_json(journal.entry(queue_id)), data
         fresh = self._fresh_entries.get(queue_id)
         data = self._forget(queue_id)
         if data is not None:
@@ -437,6 +501,26 @@ class Spool:
 
     def _read_both(self, queue_id: str) -> tuple[SpoolEntry, bytes]:
         return self.read_entry(queue_id), self.read_message(queue_id)
+
+    def journal_ids(self) -> list[str]:
+        """Ids of the messages this process holds in its journal (their first attempt)."""
+        return self.journal.ids() if self.journal is not None else []
+
+    def journal_entries(self) -> list[SpoolEntry]:
+        """Messages in the server's journal, oldest first (read only; see :meth:`update`)."""
+        records = live_messages(self.directory / "journal")
+        return [SpoolEntry.from_json(records[i].entry) for i in sorted(records)]
+
+    def recover_journal(self) -> int:
+        """Move what a stopped server left in the journal to files; how many moved.
+
+        For the queue CLI when no server runs on this spool (a running one owns its journal).
+        """
+        journal = Journal(self.directory / "journal")
+        try:
+            return journal.recover(self._spill_recovered)
+        finally:
+            journal.close()
 
     def queue_ids(self) -> list[str]:
         """Every queued message, oldest first."""
@@ -468,6 +552,9 @@ class Spool:
     @contextlib.contextmanager
     def locked(self, queue_id: str, *, wait: bool = False) -> Iterator[bool]:
         """Hold the message's delivery lock; yields False when another process holds it."""
+        if self.journal is not None and queue_id in self.journal:
+            yield True  # in this process's journal: no other process can see it
+            return
         try:
             fd = os.open(self.msg_path(queue_id), os.O_RDONLY)
         except FileNotFoundError:
@@ -482,6 +569,18 @@ class Spool:
             yield True
         finally:
             os.close(fd)
+
+
+def server_running(directory: Path) -> bool:
+    """True when the pid file of spool ``directory`` names a running process."""
+    try:
+        pid = int((directory / PIDFILE).read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    return True
 
 
 def notify_server(directory: Path) -> bool:

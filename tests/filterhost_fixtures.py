@@ -7,6 +7,8 @@ stopped at teardown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import re
 import signal
 import smtplib
@@ -23,6 +25,7 @@ import pytest
 
 from filterhost.app import App
 from filterhost.checks import check_configuration
+from filterhost.journal import live_messages
 from filterhost.pluginmanager import Plugins
 from tests.components.services import Dns, free_port, wait_until
 
@@ -255,3 +258,27 @@ __all__ = [
     "wait_for",
     "write_conf",
 ]
+
+
+def spooled_ids(spool_dir: Path) -> set[str]:
+    """Every message a spool holds: queue files and the journal (messages in a first attempt).
+
+    A message goes from the journal to files before its DONE record: files first, then the
+    journal, so a message moving meanwhile is seen at least once.
+    """
+    files = {p.stem for p in (spool_dir / "queue").glob("*.json")}
+    return files | set(live_messages(spool_dir / "journal"))
+
+
+def spooled_entry(spool_dir: Path, queue_id: str) -> dict[str, Any]:
+    """The entry of ``queue_id``, from its file or from the journal."""
+    path = spool_dir / "queue" / f"{queue_id}.json"
+    for _ in range(2):  # it may move from the journal to files between the two looks
+        with contextlib.suppress(FileNotFoundError):
+            loaded: dict[str, Any] = json.loads(path.read_bytes())
+            return loaded
+        record = live_messages(spool_dir / "journal").get(queue_id)
+        if record is not None:
+            entry: dict[str, Any] = json.loads(record.entry)
+            return entry
+    raise FileNotFoundError(f"{queue_id} is neither in the queue nor in the journal")

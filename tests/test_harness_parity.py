@@ -27,6 +27,7 @@ from filterhost.testing import (
     make_session,
     make_transaction,
 )
+from tests.filterhost_fixtures import spooled_ids
 
 
 class Policy:
@@ -135,7 +136,7 @@ async def test_refusals_agree(
     outcome, result, server = await _both(filterhost_harness, filterhost_server, txn)
     assert not outcome.accepted
     assert not result.accepted
-    assert not list(server.app.spool.queue_dir.glob("*.json"))
+    assert not spooled_ids(server.app.spool.directory)
 
 
 async def test_discard_agrees(
@@ -146,7 +147,7 @@ async def test_discard_agrees(
     )
     assert result.accepted
     assert outcome.relayed == []
-    assert not list(server.app.spool.queue_dir.glob("*.json"))  # answered 250, never spooled
+    assert not spooled_ids(server.app.spool.directory)  # answered 250, never spooled
 
 
 async def test_edits_and_rcpt_replies_agree_and_arrive_at_the_next_hop(

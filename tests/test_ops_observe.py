@@ -31,7 +31,14 @@ from filterhost.testing import make_message
 from filterhost.verdict import Action, Reply
 from tests.components.fixtures import Sinks
 from tests.components.services import Dns, free_port, make_cert
-from tests.filterhost_fixtures import base_config, port_of, running_app, wait_for, write_conf
+from tests.filterhost_fixtures import (
+    base_config,
+    port_of,
+    running_app,
+    spooled_ids,
+    wait_for,
+    write_conf,
+)
 
 PASSWORD = "Pa55-word-CANARY-9931"
 WRONG = "wrong-CANARY-4417"
@@ -155,7 +162,7 @@ async def test_one_story_per_message_in_text_and_json_without_secrets_or_bodies(
         assert ok.code == 250
         assert refused.code == 554
         queue_id = ok.message.rsplit(" ", 1)[1]
-        await wait_for(lambda: not app.spool.queue_ids())
+        await wait_for(lambda: not spooled_ids(app.spool.directory))
     text = records.text()
     story = [line for line in text if f": {queue_id}: " in line]
     assert any("verdict plugin=gate hook=filterhost_message action=continue" in s for s in story)
@@ -202,7 +209,7 @@ async def test_metrics_scraped_over_http_after_real_sessions(
         assert _sample(before, "filterhost_messages_total", outcome="accepted") == 0
         for subject in ("one", "two", "refuse me"):
             await _send(port_of(app), subject)
-        await wait_for(lambda: not app.spool.queue_ids())
+        await wait_for(lambda: not spooled_ids(app.spool.directory))
         status, text = await _http(http, "/metrics")
     assert status == 200
     assert _sample(text, "filterhost_sessions_total", result="admitted") == 3

@@ -10,7 +10,7 @@ from typing import Any
 
 from filterhost.testing import make_message
 from tests.components.services import Dns, free_port
-from tests.filterhost_fixtures import base_config, write_conf
+from tests.filterhost_fixtures import base_config, spooled_ids, write_conf
 
 
 def _replay(confdir: Path, eml: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -82,6 +82,7 @@ def test_replay_prints_verdicts_header_diff_and_routes(tmp_path: Path, dns_serve
     )
     # Nothing was spooled, nothing was sent.
     assert not list((tmp_path / "spool").glob("*/*.json"))
+    assert not spooled_ids(tmp_path / "spool")
 
 
 def test_replay_of_a_refused_message_exits_1_and_says_who(tmp_path: Path) -> None:

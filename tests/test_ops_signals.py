@@ -9,7 +9,7 @@ from pathlib import Path
 from filterhost.testing import make_message
 from tests.components.fixtures import Peers
 from tests.components.services import Dns, free_port, make_cert
-from tests.filterhost_fixtures import FilterhostFactory, FilterhostProcess, base_config
+from tests.filterhost_fixtures import FilterhostFactory, FilterhostProcess, base_config, spooled_ids
 from tests.smtp_raw import Raw
 
 
@@ -100,7 +100,7 @@ def test_sigterm_during_a_transfer_loses_nothing(
         raw.close()
 
     # Nothing listened at the MX: the accepted message is in the spool, and only it.
-    queued = sorted(p.stem for p in (tmp_path / "spool" / "queue").glob("*.json"))
+    queued = sorted(spooled_ids(tmp_path / "spool"))
     assert queued == [queue_id]
 
     peer = peers.start("127.0.0.2", mx_port)
@@ -109,7 +109,7 @@ def test_sigterm_during_a_transfer_loses_nothing(
     arrived = [m for m in peer.messages() if b"Subject: drained" in m.data]
     assert len(arrived) == 1
     proc.wait_log(rf"{queue_id}: removed \(all recipients done\)")
-    assert not list((tmp_path / "spool" / "queue").glob("*.json"))
+    assert not spooled_ids(tmp_path / "spool")
 
 
 def _served_certificate(port: int) -> bytes:

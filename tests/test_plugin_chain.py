@@ -20,7 +20,7 @@ from filterhost.smtp import server
 from filterhost.verdict import Reply
 from tests.components.fixtures import Sinks
 from tests.components.services import Dns, free_port
-from tests.filterhost_fixtures import base_config, port_of, running_app, wait_for
+from tests.filterhost_fixtures import base_config, port_of, running_app, spooled_ids, wait_for
 
 MESSAGE = b"From: a@example.test\r\nSubject: chain\r\n\r\nbody\r\n"
 
@@ -109,7 +109,7 @@ async def test_first_terminal_verdict_stops_the_chain(tmp_path: Path, dns_server
     ) as app:
         with pytest.raises(aiosmtplib.SMTPDataError) as info:
             await _send(port_of(app))
-        assert not list(app.spool.queue_dir.glob("*.json"))
+        assert not spooled_ids(app.spool.directory)
     assert (info.value.code, info.value.message) == (554, "5.7.1 No thanks")
     assert calls == ["a", "b"]
 
@@ -162,7 +162,7 @@ async def test_plugin_failure_tempfails_and_is_logged_with_the_plugin_name(
         with pytest.raises(aiosmtplib.SMTPDataError) as info:
             await _send(port_of(app))
         assert time.monotonic() - started < 5
-        assert not list(app.spool.queue_dir.glob("*.json"))
+        assert not spooled_ids(app.spool.directory)
     assert info.value.code == 451
     assert info.value.message.startswith("4.3.0 ")
     failures = [r.getMessage() for r in caplog.records if "plugin=flaky" in r.getMessage()]
@@ -314,7 +314,7 @@ async def test_route_hook_and_outcome_observers(
         await _send(port_of(app), ["a@routed.test", "b@mx.test", "c@dropped.test"])
         (via_route,) = await asyncio.to_thread(routed.wait_for_count, 1)
         (via_mx,) = await asyncio.to_thread(mx1.wait_for_count, 1)
-        await wait_for(lambda: not list(app.spool.queue_dir.glob("*.json")))
+        await wait_for(lambda: not spooled_ids(app.spool.directory))
     assert via_route.rcpt_tos == ["a@routed.test"]
     assert via_mx.rcpt_tos == ["b@mx.test"]
     assert sorted(r for r, _ in outcomes.delivered) == ["a@routed.test", "b@mx.test"]

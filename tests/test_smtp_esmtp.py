@@ -6,7 +6,6 @@ in the spool where the tests read their envelope.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from tests.filterhost_fixtures import (
     base_config,
     port_of,
     running_app,
+    spooled_entry,
 )
 from tests.smtp_raw import Raw, has_status
 
@@ -48,9 +48,7 @@ def proc(tmp_path_factory: pytest.TempPathFactory, dns_server: Dns) -> Iterator[
 def _entry(proc: FilterhostProcess, reply: bytes) -> dict[str, object]:
     match = re.search(rb"queued as ([0-9A-F]+)", reply)
     assert match, reply
-    path = proc.confdir.parent / "spool" / "queue" / f"{match.group(1).decode()}.json"
-    entry: dict[str, object] = json.loads(path.read_bytes())
-    return entry
+    return spooled_entry(proc.confdir.parent / "spool", match.group(1).decode())
 
 
 def test_greeting_and_ehlo_list_every_extension(proc: FilterhostProcess) -> None:

@@ -6,13 +6,17 @@ relay domain mx.test; 127.0.0.1 may relay anywhere, but not with routing tricks 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import pytest
 
 from tests.components.services import Dns, free_port
-from tests.filterhost_fixtures import FilterhostFactory, FilterhostProcess, base_config
+from tests.filterhost_fixtures import (
+    FilterhostFactory,
+    FilterhostProcess,
+    base_config,
+    spooled_entry,
+)
 from tests.smtp_raw import Raw
 
 
@@ -77,7 +81,7 @@ def test_untrusted_client_routing_tricks_are_refused_at_rcpt(proc: FilterhostPro
     queued = raw.cmd(b"Subject: hygiene\r\n\r\nhi\r\n.")
     assert queued.startswith(b"250 2.0.0 Ok: queued as ")
     queue_id = queued.rsplit(b" ", 1)[1].decode()
-    entry = json.loads((proc.confdir.parent / "spool" / "queue" / f"{queue_id}.json").read_bytes())
+    entry = spooled_entry(proc.confdir.parent / "spool", queue_id)
     assert [r["address"] for r in entry["recipients"]] == ["user@MX.test"]
     raw.close()
     assert "relay denied from=<eve@outside.test> to=<user@mx.test.evil.test>" in proc.log

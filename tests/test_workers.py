@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.components.fixtures import Sinks
 from tests.components.services import free_port
-from tests.filterhost_fixtures import FilterhostFactory, FilterhostProcess, base_config
+from tests.filterhost_fixtures import FilterhostFactory, FilterhostProcess, base_config, spooled_ids
 
 
 def _send(proc: FilterhostProcess, count: int, tag: str) -> None:
@@ -68,4 +68,4 @@ def test_workers_share_the_port_deliver_once_restart_and_stop(
             continue
         raise AssertionError(f"worker {pid} still running after the master stopped")
     assert not pidfile.exists()
-    assert list((tmp_path / "spool" / "queue").glob("*.json")) == []
+    assert spooled_ids(tmp_path / "spool") == set()

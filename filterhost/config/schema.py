@@ -278,6 +278,13 @@ class SpoolSection:
     directory: str = field(
         default="var/spool", metadata=_help("spool directory; relative paths: from the cwd")
     )
+    journal: bool = field(
+        default=True,
+        metadata=_help(
+            "new messages are appended to a journal (one fdatasync per batch) and move to "
+            "files of their own only if they must wait; false: files from the start"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not self.directory.strip():

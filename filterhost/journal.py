@@ -1,0 +1,392 @@
+"""The spool's journal: new messages appended to one file, made durable by one fdatasync a batch.
+
+A message written as two files of its own costs two creates, two fsyncs, a rename and a share of
+a directory fsync, and later two unlinks and another directory fsync: in the bench that was half
+of the CPU per message (the kernel's journal work) and most of the wait before 250. Most
+messages of a smart host are delivered within a second of arriving, so their first home is
+cheaper as a record in an append-only journal:
+
+- ``STORE`` (queue id, entry JSON, message bytes) is appended; the batch's one ``fdatasync``
+  makes it durable before anyone is told 250;
+- ``DONE`` (queue id) is appended when the message needs the journal no more: delivered, bounced,
+  or moved to files of its own (:class:`filterhost.spool.Spool` "spills" a message to the classic
+  ``.msg``/``.json`` pair, durably, before its ``DONE``, as soon as it must wait for a retry, is
+  held or is changed, so everything the queue CLI works on is in files);
+- segments (``journal/<owner>-<seq>.jnl``) roll at ``segment_size`` and are deleted once every
+  message stored in them is done;
+- at start-up, :meth:`Journal.recover` reads the owner's segments, spills every message stored
+  without a ``DONE`` (the process stopped or crashed during its first attempt), and deletes them.
+
+Each record: a 14-byte header ``kind, id length, entry length, data length, crc32``, then the id,
+the entry and the data; the CRC covers the header's first 10 bytes and the rest. A torn record at
+the end of a segment (a crash in the middle of a write, never acknowledged) ends its reading.
+
+Only the loop thread calls the methods here, except :meth:`write` (the commit thread) and
+:meth:`recover` (start-up, before any other use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Journal", "JournalRecord", "live_messages", "read_segment"]
+
+log = logging.getLogger("filterhost.spool")
+
+STORE, DONE = 1, 2
+_HEADER = struct.Struct("<BBIII")
+SEGMENT_SIZE = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRecord:
+    """One record read back from a segment (``entry`` and ``data`` empty for DONE)."""
+
+    kind: int
+    queue_id: str
+    entry: bytes
+    data: bytes
+    offset: int
+    """Where the message bytes start in the segment."""
+
+
+def _record(kind: int, queue_id: str, entry: bytes = b"", data: bytes = b"") -> list[bytes]:
+    ident = queue_id.encode("ascii")
+    head = _HEADER.pack(kind, len(ident), len(entry), len(data), 0)[:10]
+    crc = zlib.crc32(data, zlib.crc32(entry, zlib.crc32(ident, zlib.crc32(head))))
+    return (
+        [head + struct.pack("<I", crc) + ident + entry, data]
+        if data
+        else [head + struct.pack("<I", crc) + ident + entry]
+    )
+
+
+def read_segment(path: Path) -> Iterator[JournalRecord]:
+    """Every whole record of a segment, in order; stops at the first torn or damaged one."""
+    with path.open("rb") as f:
+        blob = f.read()
+    pos = 0
+    size = _HEADER.size
+    while pos + size <= len(blob):
+        kind, id_len, entry_len, data_len, crc = _HEADER.unpack_from(blob, pos)
+        end = pos + size + id_len + entry_len + data_len
+        if kind not in (STORE, DONE) or end > len(blob):
+            return
+        body = memoryview(blob)[pos + size : end]
+        if zlib.crc32(body, zlib.crc32(blob[pos : pos + 10])) != crc:
+            log.warning("%s: damaged record at offset %d; reading stops there", path, pos)
+            return
+        ident = bytes(body[:id_len]).decode("ascii", "replace")
+        entry = bytes(body[id_len : id_len + entry_len])
+        data_at = pos + size + id_len + entry_len
+        yield JournalRecord(kind, ident, entry, blob[data_at:end], data_at)
+        pos = end
+
+
+def _live(paths: list[Path]) -> dict[str, JournalRecord]:
+    stored: dict[str, JournalRecord] = {}
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile: all of it done
+            for record in read_segment(path):
+                if record.kind == STORE:
+                    stored[record.queue_id] = record
+                else:
+                    stored.pop(record.queue_id, None)
+    return stored
+
+
+def live_messages(directory: Path) -> dict[str, JournalRecord]:
+    """Messages stored and not done in every segment of ``directory`` (read only).
+
+    For the queue CLI: while a server runs, these are messages in their first delivery
+    attempt; the server moves any that must wait to files of their own.
+    """
+    return _live(sorted(directory.glob("w*-*.jnl")))
+
+
+@dataclass(slots=True)
+class _Segment:
+    seq: int
+    path: Path
+    size: int = 0
+    live: set[str] = field(default_factory=set)
+    """Queue ids stored here and not done yet."""
+
+
+@dataclass(slots=True)
+class _Where:
+    segment: _Segment
+    offset: int
+    length: int
+    entry: bytes
+
+
+@dataclass(slots=True)
+class Batch:
+    """Records to append, in order, grouped by segment (made by :meth:`Journal.add`)."""
+
+    groups: list[tuple[_Segment, list[bytes]]] = field(default_factory=list)
+    new_segments: bool = False
+    retired: list[_Segment] = field(default_factory=list)
+    """Segments whose last live message is done by this batch: deleted once it is durable."""
+
+    def __bool__(self) -> bool:
+        return bool(self.groups or self.retired)
+
+
+class Journal:
+    """Append-only segments in ``directory`` for one owner (a process, or a worker index)."""
+
+    def __init__(
+        self, directory: Path, index: int = 0, count: int = 1, segment_size: int = SEGMENT_SIZE
+    ) -> None:
+        self.directory = directory
+        self.index = index
+        self.count = count
+        self.owner = f"w{index}"
+        self.segment_size = segment_size
+        self._index: dict[str, _Where] = {}
+        self._current: _Segment | None = None
+        self._next_seq = 1
+        self._fd: int | None = None
+        self._fd_seq = 0
+        self._pending: list[_Pending] = []
+        self._busy = False
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-journal")
+        self.batches = 0
+        """Batches made durable (with :attr:`batched`: the mean batch size, for the bench)."""
+        self.batched = 0
+
+    def __contains__(self, queue_id: object) -> bool:
+        return queue_id in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def ids(self) -> list[str]:
+        """The messages stored and not done yet."""
+        return list(self._index)
+
+    def segments(self) -> list[Path]:
+        """The segments this process recovers at start-up, oldest first.
+
+        Its own, and for worker 0 also those of worker indexes that no longer exist
+        (``workers`` was lowered).
+        """
+        mine = []
+        for path in self.directory.glob("w*-*.jnl"):
+            try:
+                owner = int(path.name[1:].partition("-")[0])
+            except ValueError:
+                continue
+            if owner == self.index or (self.index == 0 and owner >= self.count):
+                mine.append(path)
+        return sorted(mine)
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def recover(self, spill: Callable[[str, bytes, bytes], None]) -> int:
+        """Hand every message stored without DONE to ``spill(id, entry, data)``; delete segments.
+
+        ``spill`` must make the message durable elsewhere before it returns. Returns how many
+        were spilled.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        paths = self.segments()
+        stored = _live(paths)
+        for record in stored.values():
+            spill(record.queue_id, record.entry, record.data)
+        for path in paths:
+            path.unlink()
+        if paths:
+            _fsync_dir(self.directory)
+            log.info(
+                "journal: %d message(s) moved to the queue from %d segment(s)",
+                len(stored),
+                len(paths),
+            )
+        return len(stored)
+
+    # -- appending ---------------------------------------------------------------------------
+
+    def add(
+        self, batch: Batch, kind: int, queue_id: str, entry: bytes = b"", data: bytes = b""
+    ) -> bool:
+        """Put one record in ``batch`` (the loop thread: offsets are handed out in order).
+
+        Returns False for a DONE of a message not in the journal (nothing to record).
+        """
+        if kind == DONE:
+            where = self._index.pop(queue_id, None)
+            if where is None:
+                return False
+            where.segment.live.discard(queue_id)
+            if not where.segment.live and where.segment is not self._current:
+                batch.retired.append(where.segment)
+        buffers = _record(kind, queue_id, entry, data)
+        size = sum(len(b) for b in buffers)
+        current = self._current
+        if current is None or (
+            kind == STORE and current.size and current.size + size > self.segment_size
+        ):
+            if current is not None and not current.live:
+                batch.retired.append(current)
+            current = self._current = _Segment(
+                self._next_seq, self.directory / f"{self.owner}-{self._next_seq:08d}.jnl"
+            )
+            self._next_seq += 1
+            batch.new_segments = True
+        if kind == STORE:
+            offset = current.size + len(buffers[0])
+            self._index[queue_id] = _Where(current, offset, len(data), entry)
+            current.live.add(queue_id)
+        current.size += size
+        if not batch.groups or batch.groups[-1][0] is not current:
+            batch.groups.append((current, []))
+        batch.groups[-1][1].extend(buffers)
+        return True
+
+    def forget(self, queue_id: str) -> None:
+        """Drop a message whose STORE never became durable (its batch failed)."""
+        where = self._index.pop(queue_id, None)
+        if where is not None:
+            where.segment.live.discard(queue_id)
+
+    # -- group commit (the loop thread) ----------------------------------------------------
+
+    async def append(self, kind: int, queue_id: str, entry: bytes = b"", data: bytes = b"") -> None:
+        """Append a record; returns once it is durable, with every record added meanwhile."""
+        loop = asyncio.get_running_loop()
+        pending = _Pending(kind, queue_id, entry, data, loop.create_future())
+        self._pending.append(pending)
+        if not self._busy:
+            self._start(loop)
+        await pending.future
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        # One batch at a time: offsets are handed out here, in the order of the file.
+        ops, self._pending = self._pending, []
+        batch = Batch()
+        for op in ops:
+            self.add(batch, op.kind, op.queue_id, op.entry, op.data)
+        if not batch:
+            for op in ops:
+                if not op.future.done():
+                    op.future.set_result(None)
+            return
+        self._busy = True
+        done = asyncio.wrap_future(self._thread.submit(self.write, batch), loop=loop)
+        done.add_done_callback(functools.partial(self._finished, loop, ops))
+
+    def _finished(
+        self, loop: asyncio.AbstractEventLoop, ops: list[_Pending], done: asyncio.Future[None]
+    ) -> None:
+        self._busy = False
+        self.batches += 1
+        self.batched += len(ops)
+        error = RuntimeError("journal write cancelled") if done.cancelled() else done.exception()
+        if error is not None:
+            log.error("journal: write failed: %s", error)
+            # The segment may end in a torn record now: the next batch starts a new one.
+            self._current = None
+            for op in ops:
+                if op.kind == STORE:
+                    self.forget(op.queue_id)
+        for op in ops:
+            if op.future.done():
+                continue
+            if error is None:
+                op.future.set_result(None)
+            else:
+                op.future.set_exception(error)
+        if self._pending:
+            self._start(loop)
+
+    def write(self, batch: Batch) -> None:
+        """Append ``batch`` and make it durable (the commit thread; one batch at a time)."""
+        for segment, buffers in batch.groups:
+            if self._fd is None or self._fd_seq != segment.seq:
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+                self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                self._fd_seq = segment.seq
+            start = os.lseek(self._fd, 0, os.SEEK_END)
+            try:
+                _write_all(self._fd, buffers)
+                os.fdatasync(self._fd)
+            except OSError:
+                # Nobody is told 250 for these: take them back out, so that a restart does not
+                # queue what the client was told to send again (best effort: the disk failed).
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+                raise
+        if batch.new_segments:
+            _fsync_dir(self.directory)  # the new segment's name is durable too
+        for old in batch.retired:
+            with contextlib.suppress(FileNotFoundError):
+                old.path.unlink()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def entry(self, queue_id: str) -> bytes:
+        """The entry JSON stored with ``queue_id`` (KeyError when not in the journal)."""
+        return self._index[queue_id].entry
+
+    def data(self, queue_id: str) -> bytes:
+        """The message bytes of ``queue_id``, read back from its segment."""
+        where = self._index[queue_id]
+        fd = os.open(where.segment.path, os.O_RDONLY)
+        try:
+            return os.pread(fd, where.length, where.offset)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Wait for the batch being written, then close the segment.
+
+        What is live in it stays for :meth:`recover` at the next start.
+        """
+        self._thread.shutdown(wait=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    kind: int
+    queue_id: str
+    entry: bytes
+    data: bytes
+    future: asyncio.Future[None]
+
+
+def _write_all(fd: int, buffers: list[bytes]) -> None:
+    views = [memoryview(b) for b in buffers]
+    while views:
+        written = os.writev(fd, views[:512])  # IOV_MAX is 1024
+        while written:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
