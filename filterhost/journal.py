@@ -46,6 +46,8 @@ log = logging.getLogger("filterhost.spool")
 STORE, DONE = 1, 2
 _HEADER = struct.Struct("<BBIII")
 SEGMENT_SIZE = 64 * 1024 * 1024
+# Seconds a DONE nobody waits for may stay unwritten (when no STORE batch takes it sooner).
+_LAZY_FLUSH = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +163,8 @@ class Journal:
         self._fd: int | None = None
         self._fd_seq = 0
         self._pending: list[_Pending] = []
+        self._retired_later: list[_Segment] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._busy = False
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-journal")
         self.batches = 0
@@ -219,20 +223,33 @@ class Journal:
 
     # -- appending ---------------------------------------------------------------------------
 
+    def _release(self, queue_id: str, retired: list[_Segment]) -> bool:
+        """Take ``queue_id`` out of the index; False when it is not in the journal."""
+        where = self._index.pop(queue_id, None)
+        if where is None:
+            return False
+        where.segment.live.discard(queue_id)
+        if not where.segment.live and where.segment is not self._current:
+            retired.append(where.segment)
+        return True
+
     def add(
-        self, batch: Batch, kind: int, queue_id: str, entry: bytes = b"", data: bytes = b""
+        self,
+        batch: Batch,
+        kind: int,
+        queue_id: str,
+        entry: bytes = b"",
+        data: bytes = b"",
+        *,
+        released: bool = False,
     ) -> bool:
         """Put one record in ``batch`` (the loop thread: offsets are handed out in order).
 
-        Returns False for a DONE of a message not in the journal (nothing to record).
+        Returns False for a DONE of a message not in the journal (nothing to record), unless
+        ``released`` says it was taken out of the index already (:meth:`done_later`).
         """
-        if kind == DONE:
-            where = self._index.pop(queue_id, None)
-            if where is None:
-                return False
-            where.segment.live.discard(queue_id)
-            if not where.segment.live and where.segment is not self._current:
-                batch.retired.append(where.segment)
+        if kind == DONE and not released and not self._release(queue_id, batch.retired):
+            return False
         buffers = _record(kind, queue_id, entry, data)
         size = sum(len(b) for b in buffers)
         current = self._current
@@ -267,21 +284,47 @@ class Journal:
     async def append(self, kind: int, queue_id: str, entry: bytes = b"", data: bytes = b"") -> None:
         """Append a record; returns once it is durable, with every record added meanwhile."""
         loop = asyncio.get_running_loop()
-        pending = _Pending(kind, queue_id, entry, data, loop.create_future())
-        self._pending.append(pending)
+        future = loop.create_future()
+        self._pending.append(_Pending(kind, queue_id, entry, data, future))
         if not self._busy:
             self._start(loop)
-        await pending.future
+        await future
+
+    def done_later(self, queue_id: str) -> None:
+        """DONE for a message delivered (or bounced and told): not waited for.
+
+        The record goes with the next batch of STOREs, or within ``_LAZY_FLUSH`` seconds:
+        the next message's 250 must not wait for an fdatasync of this one's end. A crash
+        that loses it delivers the message again at the next start (at least once, as with
+        Postfix, which does not sync the unlink of a delivered message either).
+        """
+        retired: list[_Segment] = []
+        if not self._release(queue_id, retired):
+            return
+        self._retired_later.extend(retired)
+        self._pending.append(_Pending(DONE, queue_id, b"", b"", None, released=True))
+        if not self._busy and self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(_LAZY_FLUSH, self._flush_lazy, loop)
+
+    def _flush_lazy(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._flush_timer = None
+        if not self._busy and self._pending:
+            self._start(loop)
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         # One batch at a time: offsets are handed out here, in the order of the file.
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         ops, self._pending = self._pending, []
         batch = Batch()
+        batch.retired, self._retired_later = self._retired_later, []
         for op in ops:
-            self.add(batch, op.kind, op.queue_id, op.entry, op.data)
+            self.add(batch, op.kind, op.queue_id, op.entry, op.data, released=op.released)
         if not batch:
             for op in ops:
-                if not op.future.done():
+                if op.future is not None and not op.future.done():
                     op.future.set_result(None)
             return
         self._busy = True
@@ -303,14 +346,16 @@ class Journal:
                 if op.kind == STORE:
                     self.forget(op.queue_id)
         for op in ops:
-            if op.future.done():
+            if op.future is None or op.future.done():
                 continue
             if error is None:
                 op.future.set_result(None)
             else:
                 op.future.set_exception(error)
-        if self._pending:
-            self._start(loop)
+        if any(op.future is not None for op in self._pending):
+            self._start(loop)  # someone waits
+        elif self._pending and self._flush_timer is None:
+            self._flush_timer = loop.call_later(_LAZY_FLUSH, self._flush_lazy, loop)
 
     def write(self, batch: Batch) -> None:
         """Append ``batch`` and make it durable (the commit thread; one batch at a time)."""
@@ -358,6 +403,17 @@ class Journal:
         What is live in it stays for :meth:`recover` at the next start.
         """
         self._thread.shutdown(wait=True)
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._pending:  # DONEs nobody waited for: written now, or they would be redone
+            ops, self._pending = self._pending, []
+            batch = Batch()
+            batch.retired, self._retired_later = self._retired_later, []
+            for op in ops:
+                self.add(batch, op.kind, op.queue_id, op.entry, op.data, released=op.released)
+            with contextlib.suppress(OSError):
+                self.write(batch)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -369,7 +425,9 @@ class _Pending:
     queue_id: str
     entry: bytes
     data: bytes
-    future: asyncio.Future[None]
+    future: asyncio.Future[None] | None
+    """None: nobody waits (:meth:`Journal.done_later`)."""
+    released: bool = False
 
 
 def _write_all(fd: int, buffers: list[bytes]) -> None:

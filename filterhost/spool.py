@@ -241,7 +241,9 @@ class Spool:
             self.journal.recover(self._spill_recovered)
 
     def _spill_recovered(self, queue_id: str, entry: bytes, data: bytes) -> None:
-        # A crash between a spill and its DONE leaves the files and the record: write again.
+        if self.entry_path(queue_id).exists():
+            # Moved to files before a crash took its DONE: the files are the newer state.
+            return
         _write_file(self.msg_path(queue_id), data, exclusive=False)
         self._write_entry(SpoolEntry.from_json(entry))
 
@@ -336,7 +338,7 @@ class Spool:
         self._forget(queue_id)
         journal = self.journal
         if journal is not None and queue_id in journal:
-            await journal.append(DONE, queue_id)
+            journal.done_later(queue_id)
             return
         await self._commit("remove", queue_id, None, None)
 
