@@ -237,6 +237,22 @@ def test_content_check_fast_path_agrees_with_the_regex() -> None:
         assert (reply is not None) == bad, content
 
 
+def test_long_line_check_agrees_with_splitting_into_lines() -> None:
+    """The window scan finds exactly the lines over 998 octets that a split finds."""
+    rng = random.Random(11)
+    for _ in range(3000):
+        lines = [
+            b"x" * rng.choice((0, 1, 497, 498, 499, 500, 997, 998, 999, 1000, 1500, 2500))
+            for _ in range(rng.randint(1, 6))
+        ]
+        content = b"\r\n".join(lines) + rng.choice((b"\r\n", b""))
+        expected = max(map(len, content.split(b"\r\n"))) > 998
+        reply = check_content(content)
+        assert (reply is not None) == expected, [len(x) for x in lines]
+        if reply is not None:
+            assert "over 1000 octets" in reply.text
+
+
 # -- the queue runner's rescan with worker shares ------------------------------------------
 
 
