@@ -52,54 +52,74 @@ _LAZY_FLUSH = 0.2
 
 @dataclass(frozen=True, slots=True)
 class JournalRecord:
-    """One record read back from a segment (``entry`` and ``data`` empty for DONE)."""
+    """One record read back from a segment (``entry`` empty for DONE)."""
 
     kind: int
     queue_id: str
     entry: bytes
-    data: bytes
+    path: Path
     offset: int
     """Where the message bytes start in the segment."""
+    length: int
+    """How many message bytes there are."""
+
+    def data(self) -> bytes:
+        """The message bytes, read from the segment."""
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            return f.read(self.length)
 
 
 def _record(kind: int, queue_id: str, entry: bytes = b"", data: bytes = b"") -> list[bytes]:
     ident = queue_id.encode("ascii")
     head = _HEADER.pack(kind, len(ident), len(entry), len(data), 0)[:10]
     crc = zlib.crc32(data, zlib.crc32(entry, zlib.crc32(ident, zlib.crc32(head))))
-    return (
-        [head + struct.pack("<I", crc) + ident + entry, data]
-        if data
-        else [head + struct.pack("<I", crc) + ident + entry]
-    )
+    first = head + struct.pack("<I", crc) + ident + entry
+    return [first, data] if data else [first]
 
 
-def read_segment(path: Path) -> Iterator[JournalRecord]:
-    """Every whole record of a segment, in order; stops at the first torn or damaged one."""
+def read_segment(path: Path, *, verify: bool = True) -> Iterator[JournalRecord]:
+    """Every whole record of a segment, in order; stops at the first torn or damaged one.
+
+    The message bytes are not kept (:meth:`JournalRecord.data` reads them): a segment may hold
+    many large messages. ``verify=False`` (a listing) skips over them without checking the
+    CRC; recovery verifies every record.
+    """
     with path.open("rb") as f:
-        blob = f.read()
-    pos = 0
-    size = _HEADER.size
-    while pos + size <= len(blob):
-        kind, id_len, entry_len, data_len, crc = _HEADER.unpack_from(blob, pos)
-        end = pos + size + id_len + entry_len + data_len
-        if kind not in (STORE, DONE) or end > len(blob):
-            return
-        body = memoryview(blob)[pos + size : end]
-        if zlib.crc32(body, zlib.crc32(blob[pos : pos + 10])) != crc:
-            log.warning("%s: damaged record at offset %d; reading stops there", path, pos)
-            return
-        ident = bytes(body[:id_len]).decode("ascii", "replace")
-        entry = bytes(body[id_len : id_len + entry_len])
-        data_at = pos + size + id_len + entry_len
-        yield JournalRecord(kind, ident, entry, blob[data_at:end], data_at)
-        pos = end
+        total = os.fstat(f.fileno()).st_size
+        pos = 0
+        while True:
+            head = f.read(_HEADER.size)
+            if len(head) < _HEADER.size:
+                return
+            kind, id_len, entry_len, data_len, crc = _HEADER.unpack(head)
+            data_at = pos + _HEADER.size + id_len + entry_len
+            end = data_at + data_len
+            if kind not in (STORE, DONE) or end > total:
+                return  # torn: written in part when the process stopped; never acknowledged
+            meta = f.read(id_len + entry_len)
+            if verify:
+                check = zlib.crc32(meta, zlib.crc32(head[:10]))
+                left = data_len
+                while left:
+                    chunk = f.read(min(left, 1 << 20))
+                    check = zlib.crc32(chunk, check)
+                    left -= len(chunk)
+                if check != crc:
+                    log.warning("%s: damaged record at offset %d; reading stops there", path, pos)
+                    return
+            else:
+                f.seek(end)
+            ident = meta[:id_len].decode("ascii", "replace")
+            yield JournalRecord(kind, ident, meta[id_len:], path, data_at, data_len)
+            pos = end
 
 
-def _live(paths: list[Path]) -> dict[str, JournalRecord]:
+def _live(paths: list[Path], *, verify: bool = True) -> dict[str, JournalRecord]:
     stored: dict[str, JournalRecord] = {}
     for path in paths:
         with contextlib.suppress(FileNotFoundError):  # deleted meanwhile: all of it done
-            for record in read_segment(path):
+            for record in read_segment(path, verify=verify):
                 if record.kind == STORE:
                     stored[record.queue_id] = record
                 else:
@@ -113,7 +133,7 @@ def live_messages(directory: Path) -> dict[str, JournalRecord]:
     For the queue CLI: while a server runs, these are messages in their first delivery
     attempt; the server moves any that must wait to files of their own.
     """
-    return _live(sorted(directory.glob("w*-*.jnl")))
+    return _live(sorted(directory.glob("w*-*.jnl")), verify=False)
 
 
 @dataclass(slots=True)
@@ -209,7 +229,7 @@ class Journal:
         paths = self.segments()
         stored = _live(paths)
         for record in stored.values():
-            spill(record.queue_id, record.entry, record.data)
+            spill(record.queue_id, record.entry, record.data())
         for path in paths:
             path.unlink()
         if paths:
