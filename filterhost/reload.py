@@ -42,6 +42,8 @@ RESTART_KEYS = (
     ("server", "tls_listen"),
     ("server", "workers"),  # the master forks the workers once, at start
     ("spool", "directory"),
+    ("spool", "journal"),  # the journal is opened (and recovered) at start
+    ("server", "event_loop"),  # the loop runs the whole process
     ("relay", "concurrency"),
     ("relay", "destination_concurrency"),
     ("relay", "connection_reuse_time"),

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 import filterhost.journal as journal_module
+from filterhost.checks import check_configuration
 from filterhost.journal import DONE, STORE, Batch, Journal, live_messages, read_segment
+from filterhost.pluginmanager import Plugins
+from filterhost.reload import restart_needed
 from filterhost.spool import RecipientState, Spool, SpoolEntry, new_queue_id
-from tests.filterhost_fixtures import wait_for
+from tests.filterhost_fixtures import wait_for, write_conf
 
 
 def _entry() -> SpoolEntry:
@@ -190,3 +193,14 @@ async def test_a_failed_journal_write_fails_the_store_and_forgets_it(
     # A clean stop leaves everything in files: the later message, not the failed one.
     assert spool.queue_ids() == [later.id]
     assert live_messages(tmp_path / "journal") == {}
+
+
+def test_turning_the_journal_on_or_off_needs_a_restart(tmp_path: Path) -> None:
+    configs = []
+    for journal in (True, False):
+        sections = {"spool": {"directory": str(tmp_path / "spool"), "journal": journal}}
+        confdir = write_conf(tmp_path / f"conf-{journal}.d", sections)
+        config, _, problems = check_configuration(confdir, Plugins())
+        assert config is not None, problems
+        configs.append(config)
+    assert restart_needed(configs[0], configs[1]) == ["spool.journal"]
