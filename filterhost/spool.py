@@ -219,6 +219,8 @@ class Spool:
         self.journal: Journal | None = None
         """New messages' first home, when enabled (:meth:`use_journal`, before :meth:`open`)."""
         self._journal_entries: dict[str, SpoolEntry] = {}
+        self._checked: set[str] = set()
+        self._loaded_checked: set[str] = set()
 
     def use_journal(self, index: int = 0, count: int = 1) -> None:
         """Store new messages in the journal (:mod:`filterhost.journal`) of worker ``index``.
@@ -288,11 +290,13 @@ class Spool:
         self.msg_path(queue_id).unlink(missing_ok=True)
         _fsync_dir(self.queue_dir)
 
-    async def store(self, entry: SpoolEntry, data: bytes) -> None:
+    async def store(self, entry: SpoolEntry, data: bytes, *, checked: bool = False) -> None:
         """Write a new message durably; when this returns, the client may be told 250.
 
         The runner's first :meth:`load` of it gets ``entry`` itself, unless the entry file
-        changed meanwhile: the caller must not change ``entry`` after this.
+        changed meanwhile: the caller must not change ``entry`` after this. ``checked`` says
+        that ``data`` has CRLF line ends only (the front end's content check): the runner's
+        first attempt then sends it without checking again (:meth:`checked`).
         """
         journal = self.journal
         if journal is not None:
@@ -303,6 +307,8 @@ class Spool:
             written = await self._commit("store", entry.id, entry, data)
         if len(data) <= self.fresh_limit:
             self._fresh[entry.id] = data
+            if checked:
+                self._checked.add(entry.id)
             if written is not None:
                 self._fresh_entries[entry.id] = (written, entry)
             self._fresh_bytes += len(data)
@@ -312,6 +318,7 @@ class Spool:
     def _forget(self, queue_id: str) -> bytes | None:
         data = self._fresh.pop(queue_id, None)
         self._fresh_entries.pop(queue_id, None)
+        self._checked.discard(queue_id)
         self._journal_entries.pop(queue_id, None)
         if data is not None:
             self._fresh_bytes -= len(data)
@@ -471,6 +478,13 @@ class Spool:
         """The message bytes of ``queue_id``."""
         return self.msg_path(queue_id).read_bytes()
 
+    def checked(self, queue_id: str) -> bool:
+        """True (once) when the bytes :meth:`load` just gave were stored with ``checked``."""
+        if queue_id in self._loaded_checked:
+            self._loaded_checked.discard(queue_id)
+            return True
+        return False
+
     async def load(self, queue_id: str) -> tuple[SpoolEntry, bytes]:
         """Entry and message bytes, read off the event loop (just stored: from memory).
 
@@ -479,6 +493,8 @@ class Spool:
         used only while its file is still the one :meth:`store` wrote (same inode and
         mtime); otherwise, and for every later load, the entry is read from disk.
         """
+        if queue_id in self._checked:
+            self._loaded_checked.add(queue_id)
         journal = self.journal
         if journal is not None and queue_id in journal:
             # Only this process knows it (the CLI acts on files): the entry kept is current.

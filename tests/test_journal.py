@@ -204,3 +204,18 @@ def test_turning_the_journal_on_or_off_needs_a_restart(tmp_path: Path) -> None:
         assert config is not None, problems
         configs.append(config)
     assert restart_needed(configs[0], configs[1]) == ["spool.journal"]
+
+
+async def test_bytes_the_front_end_checked_are_marked_for_the_first_attempt_only(
+    tmp_path: Path,
+) -> None:
+    spool = _spool(tmp_path)
+    checked, unchecked = _entry(), _entry()
+    await spool.store(checked, b"a\r\n", checked=True)
+    await spool.store(unchecked, b"b\r\n")
+    await spool.load(checked.id)
+    await spool.load(unchecked.id)
+    assert spool.checked(checked.id)
+    assert not spool.checked(checked.id)  # once
+    assert not spool.checked(unchecked.id)
+    spool.close()

@@ -37,6 +37,14 @@ def test_wire_message_sends_what_aiosmtplib_sent() -> None:
         assert wire_message(data) == _aiosmtplib_wire(data), data
 
 
+def test_checked_bytes_are_sent_as_the_full_check_would_send_them() -> None:
+    rng = random.Random(9)
+    lines = [b"", b".", b"..x", b"a.b", b" .", b"text"]
+    for _ in range(5_000):
+        data = b"\r\n".join(rng.choice(lines) for _ in range(rng.randrange(1, 8))) + b"\r\n"
+        assert wire_message(data, checked=True) == wire_message(data), data
+
+
 def test_wire_message_of_a_checked_message_is_one_replace() -> None:
     data = b"Subject: x\r\n\r\n.leading dot\r\nmiddle\r\n..two\r\n"
     assert wire_message(data) == (b"Subject: x\r\n\r\n..leading dot\r\nmiddle\r\n...two\r\n.\r\n")

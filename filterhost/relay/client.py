@@ -91,6 +91,8 @@ class Delivery:
     data: bytes
     mail_options: Sequence[str] = ()
     rcpt_options: dict[str, list[str]] = field(default_factory=dict)
+    checked: bool = False
+    """``data`` has CRLF line ends only (checked at the front end): sent without a re-check."""
 
 
 @dataclass(slots=True)
@@ -398,7 +400,9 @@ async def _transaction(
         (rcpt, [o for o in delivery.rcpt_options.get(rcpt, []) if dsn and _is_dsn_rcpt(o)])
         for rcpt in delivery.recipients
     ]
-    outcome = await hop.transaction(delivery.sender, mail_options, recipients, delivery.data)
+    outcome = await hop.transaction(
+        delivery.sender, mail_options, recipients, delivery.data, checked=delivery.checked
+    )
     mail, error = outcome.mail, outcome.error
     if reused and (
         (mail is None and error is not None and not isinstance(error, TimeoutError))

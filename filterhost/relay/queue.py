@@ -269,13 +269,14 @@ class QueueRunner:
                 return
             try:
                 entry, data = await self.spool.load(queue_id)
+                checked = self.spool.checked(queue_id)
             except FileNotFoundError:
                 return  # deleted meanwhile
             if entry.hold:
                 return
-            await self._attempt(entry, data)
+            await self._attempt(entry, data, checked=checked)
 
-    async def _attempt(self, entry: SpoolEntry, data: bytes) -> None:
+    async def _attempt(self, entry: SpoolEntry, data: bytes, *, checked: bool = False) -> None:
         now = time.time()
         txn = Transaction(
             session=Session(id="queue", client_ip=entry.client_ip or "0.0.0.0", helo=entry.helo),  # noqa: S104
@@ -308,7 +309,7 @@ class QueueRunner:
             hop.recipients.append(rcpt)
         if hops:
             await asyncio.gather(
-                *(self._deliver_hop(entry, txn, hop, data) for hop in hops.values())
+                *(self._deliver_hop(entry, txn, hop, data, checked) for hop in hops.values())
             )
         await self._finish(entry, data)
 
@@ -374,7 +375,7 @@ class QueueRunner:
         return self._without_self(route.domain, hosts, relay.mx_port), relay.mx_port
 
     async def _deliver_hop(
-        self, entry: SpoolEntry, txn: Transaction, hop: _Hop, data: bytes
+        self, entry: SpoolEntry, txn: Transaction, hop: _Hop, data: bytes, checked: bool
     ) -> None:
         relay = self.config.relay
         try:
@@ -396,6 +397,7 @@ class QueueRunner:
                 data=data,
                 mail_options=entry.mail_options,
                 rcpt_options={r.address: r.options for r in batch},
+                checked=checked,
             )
             async with self._hops.slot(hop.route.next_hop):
                 result = await deliver(

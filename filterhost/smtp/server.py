@@ -1146,7 +1146,8 @@ class Handler:
                 verdict.reason,
             )
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-        await self.front.spool.store(entry, data)
+        # Checked: the content check passed, and header edits cannot bring CR or LF in.
+        await self.front.spool.store(entry, data, checked=True)
         if metrics is not None:
             metrics.message(verdict, queued=True)
         log.info(
