@@ -100,7 +100,7 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(RESCAN_SIGNAL, self.queue.rescan)
+        loop.add_signal_handler(RESCAN_SIGNAL, self.queue.rescan_requested)
         loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
         await self.start()
         # Only a process that handles RESCAN_SIGNAL may name itself here: the queue CLI signals

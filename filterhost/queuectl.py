@@ -202,10 +202,13 @@ class AreaControl:
             if not self.area.entry_path(queue_id).exists():
                 if not self._in_journal(queue_id):
                     raise self._gone(queue_id)
-                # In its first delivery attempt (the server's journal): it is either gone soon
-                # or moved to files of its own, which we can then change. Wait, as for a lock.
-                if not waiting and self.on_wait is not None:
-                    self.on_wait(queue_id)
+                # In the server's journal: in its first delivery attempt, or waiting for it.
+                # The server moves a waiting one to files when asked to rescan; either way it
+                # is soon gone or in files, which we can then change. Wait, as for a lock.
+                if not waiting:
+                    notify_server(self.area.directory)
+                    if self.on_wait is not None:
+                        self.on_wait(queue_id)
                 waiting = True
                 if time.monotonic() >= deadline:
                     raise MessageBusyError(

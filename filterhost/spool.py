@@ -520,6 +520,10 @@ class Spool:
     def _read_both(self, queue_id: str) -> tuple[SpoolEntry, bytes]:
         return self.read_entry(queue_id), self.read_message(queue_id)
 
+    def in_journal(self, queue_id: str) -> bool:
+        """True while ``queue_id`` is in this process's journal."""
+        return self.journal is not None and queue_id in self.journal
+
     def journal_ids(self) -> list[str]:
         """Ids of the messages this process holds in its journal (their first attempt)."""
         return self.journal.ids() if self.journal is not None else []

@@ -368,3 +368,34 @@ def test_changes_wait_for_a_delivery_in_flight(
     assert sorted(r for m in got for r in m.rcpt_tos) == ["b@mx.test", "c@mx.test"]
     wait_until(lambda: queued(proc) == {}, 10, proc.proc, "an empty queue")
     spool.close()
+
+
+def test_a_message_waiting_for_its_first_attempt_can_be_held(
+    fh: FilterhostFactory, dns_server: Dns, sinks: Sinks, tmp_path: Path
+) -> None:
+    # One delivery at a time to a slow next hop: the later messages wait, in the server's
+    # journal, for their first attempt. The CLI sees them and can still hold one: the server
+    # moves waiting messages to files when the CLI asks it to rescan.
+    mx_port = free_port()
+    conf = base_config(
+        tmp_path,
+        free_port(),
+        dns_server,
+        mx_port,
+        relay={"retry_schedule": ["1h"], "concurrency": 1},
+    )
+    slow = sinks.start("127.0.0.2", mx_port, "-w", "2")
+    proc = fh.create(conf).start()
+    first = send(proc, ["a@mx.test"], "first")
+    in_flight(slow, 1)
+    waiting = send(proc, ["b@mx.test"], "waiting")
+    assert waiting in queued(proc)  # listed while it is only in the journal
+    held = cli(proc, "hold", waiting)
+    assert held.returncode == 0, held.stderr
+    proc.wait_log(f"{first}: to=<a@mx.test> status=delivered")
+    state = queued(proc)
+    assert set(state) == {waiting}
+    assert state[waiting]["hold"] is True
+    assert spool_of(tmp_path).entry_path(waiting).exists()  # moved to files
+    assert f"{waiting}: to=<b@mx.test> status=delivered" not in proc.log
+    assert [m.rcpt_tos for m in slow.wait_for_count(1)] == [["a@mx.test"]]

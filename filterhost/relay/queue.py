@@ -103,6 +103,17 @@ class _Limiter:
                 self._sems[key] = (sem, users - 1)
 
 
+# A message in the journal this long without its first attempt is moved to files at a rescan.
+_SPILL_AFTER_MS = 1000.0
+
+
+def _age_ms(queue_id: str, now_ms: float) -> float:
+    try:
+        return now_ms - int(queue_id[:11], 16)  # a queue id starts with its time in ms
+    except ValueError:
+        return 0.0
+
+
 class QueueRunner:
     """Schedules and runs delivery attempts for the spool, in this process."""
 
@@ -125,6 +136,7 @@ class QueueRunner:
         self._scan_task: asyncio.Task[None] | None = None
         self.rescan_interval = 60.0
         self._mtimes: dict[str, int] = {}
+        self._spilling: asyncio.Task[None] | None = None
         self._local = {(hp.host, hp.port) for hp in config.server.listen_addresses}
         self.share = (0, 1)
         """(index, count): with worker processes, rescans take only this worker's share."""
@@ -150,7 +162,15 @@ class QueueRunner:
         self._loop_task = asyncio.create_task(self._run(), name="queue-runner")
         self._scan_task = asyncio.create_task(self._periodically(), name="queue-rescan")
 
-    def rescan(self) -> int:
+    def rescan_requested(self) -> None:
+        """A rescan the queue CLI (or an operator, with SIGUSR1) asked for.
+
+        It also moves every message that waits in the journal to files now, whatever its age,
+        for the command to act on.
+        """
+        self.rescan(spill_after_ms=0.0)
+
+    def rescan(self, *, spill_after_ms: float = _SPILL_AFTER_MS) -> int:
         """Schedule every queued message this runner does not know yet; returns how many.
 
         Messages come into the queue behind the runner's back when the queue CLI releases or
@@ -184,7 +204,47 @@ class QueueRunner:
                 self.schedule(entry.id, due)
                 count += 1
         self._mtimes = seen
+        self._spill_waiting(spill_after_ms)
         return count
+
+    def _spill_waiting(self, after_ms: float) -> None:
+        """Move messages waiting in the journal for their first attempt to files.
+
+        A message in the journal is only this process's to change; one that waits (behind
+        the concurrency limits, say) moves to files at the next rescan, where the queue CLI
+        can hold or delete it: the CLI asks for a rescan when it finds one in the journal.
+        """
+        if self._spilling is not None and not self._spilling.done():
+            return
+        now_ms = time.time() * 1000
+        waiting = [
+            queue_id
+            for queue_id in self.spool.journal_ids()
+            if queue_id not in self._active and _age_ms(queue_id, now_ms) >= after_ms
+        ]
+        if waiting:
+            self._spilling = asyncio.get_running_loop().create_task(
+                self._spill(waiting), name="journal-spill"
+            )
+            self._tasks.add(self._spilling)
+            self._spilling.add_done_callback(self._tasks.discard)
+
+    async def _spill(self, queue_ids: list[str]) -> None:
+        for queue_id in queue_ids:
+            if queue_id in self._active or not self.spool.in_journal(queue_id):
+                continue  # its attempt started, or it is done
+            self._active.add(queue_id)  # no attempt starts while it moves
+            try:
+                entry, _ = await self.spool.load(queue_id)
+                self.spool.checked(queue_id)  # the retry from files checks the bytes again
+                await self.spool.update(entry)
+            except Exception:
+                log.exception("%s: could not move the message from the journal", queue_id)
+            finally:
+                self._active.discard(queue_id)
+                if queue_id not in self._due:
+                    # Popped (and skipped) while it moved: due now, as it was.
+                    self.schedule(queue_id, time.time())
 
     async def _periodically(self) -> None:
         tick = min(self.rescan_interval, max(self.pool.idle_time, 1.0))
