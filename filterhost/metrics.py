@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
@@ -164,6 +164,26 @@ class _LiveState(Collector):
         yield GaugeMetricFamily(
             "filterhost_queue_oldest_age_seconds", "Age of the oldest queued message", age
         )
+        # Group commit at work: operations per sync (journal records, file writes).
+        spool = self.app.spool
+        journal = spool.journal
+        commits = CounterMetricFamily(
+            "filterhost_spool_syncs",
+            "Group commits made durable (one fdatasync or directory fsync each)",
+            labels=["store"],
+        )
+        records = CounterMetricFamily(
+            "filterhost_spool_synced_operations",
+            "Spool writes those commits covered (their ratio: the mean batch)",
+            labels=["store"],
+        )
+        commits.add_metric(["files"], spool.batches)
+        records.add_metric(["files"], spool.batched_ops)
+        if journal is not None:
+            commits.add_metric(["journal"], journal.batches)
+            records.add_metric(["journal"], journal.batched)
+        yield commits
+        yield records
 
 
 def _probe_spool(directory: Path) -> str | None:

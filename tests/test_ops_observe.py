@@ -251,6 +251,11 @@ async def test_queue_gauges_count_what_waits(tmp_path: Path, dns_server: Dns) ->
         _, text = await _http(app.metrics_server.port, "/metrics")
         assert _sample(text, "filterhost_queue_messages") == 1
         assert 0 <= _sample(text, "filterhost_queue_oldest_age_seconds") < 60
+        # The message's STORE record made durable by a sync (and, if its first attempt has
+        # deferred already, its DONE after the move to files).
+        syncs = _sample(text, "filterhost_spool_syncs_total", store="journal")
+        synced = _sample(text, "filterhost_spool_synced_operations_total", store="journal")
+        assert 1 <= syncs <= synced <= 2
         await wait_for(lambda: "deferred" in _deliveries(app))
 
 
