@@ -26,8 +26,12 @@ def _server(tmp: Path, dns: Dns, **server: Any) -> tuple[FilterhostFactory, Filt
         tmp, free_port(), dns, free_port(), server=server, relay={"retry_schedule": ["1h"]}
     )
     proc = factory.create(conf).start()
-    # The start-up probe's connection must be gone before the counts are tested.
-    proc.wait_log(r"-1: disconnect from 127\.0\.0\.1")
+    try:
+        # The start-up probe's connection must be gone before the counts are tested.
+        proc.wait_log(r"-1: disconnect from 127\.0\.0\.1")
+    except BaseException:
+        factory.stop_all()  # the caller never gets the factory to stop it
+        raise
     return factory, proc
 
 
