@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from filterhost.journal import DONE, STORE, Journal, live_messages
+from filterhost.journal import DONE, STORE, Journal, fsync_dir, live_messages
 
 __all__ = [
     "PIDFILE",
@@ -165,14 +165,6 @@ class _Op:
     """(inode, mtime) of the entry file this operation wrote."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path | str, data: bytes, *, exclusive: bool) -> tuple[int, int]:
     """Write and fsync ``path``; returns its (inode, mtime in ns): see :meth:`Spool.load`."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
@@ -283,12 +275,12 @@ class Spool:
         tmp = self._tmp_path(entry.id)
         _write_file(tmp, entry.to_json(), exclusive=False)
         tmp.replace(self.entry_path(entry.id))
-        _fsync_dir(self.queue_dir)
+        fsync_dir(self.queue_dir)
 
     def _remove(self, queue_id: str) -> None:
         self.entry_path(queue_id).unlink(missing_ok=True)
         self.msg_path(queue_id).unlink(missing_ok=True)
-        _fsync_dir(self.queue_dir)
+        fsync_dir(self.queue_dir)
 
     async def store(self, entry: SpoolEntry, data: bytes, *, checked: bool = False) -> None:
         """Write a new message durably; when this returns, the client may be told 250.
@@ -332,13 +324,29 @@ class Spool:
         """
         journal = self.journal
         if journal is not None and entry.id in journal:
-            data = self._forget(entry.id)
-            if data is None:
-                data = await self._run(journal.data, entry.id)
+            data = await self._journal_bytes(journal, entry.id)
             await self._commit("store", entry.id, entry, data)
             await journal.append(DONE, entry.id)
             return
         await self._commit("update", entry.id, entry, None)
+
+    async def move_to_files(self, queue_id: str) -> None:
+        """Move a message waiting in the journal to its files as it is (see :meth:`update`)."""
+        journal = self.journal
+        if journal is not None and queue_id in journal:
+            await self.update(self._journal_entry(journal, queue_id))
+
+    def _journal_entry(self, journal: Journal, queue_id: str) -> SpoolEntry:
+        # Only this process knows it (the CLI acts on files): the entry kept is current.
+        kept = self._journal_entries.get(queue_id)
+        return kept or SpoolEntry.from_json(journal.entry(queue_id))
+
+    async def _journal_bytes(self, journal: Journal, queue_id: str) -> bytes:
+        """The message bytes kept in memory (forgotten now), or read back from the journal."""
+        data = self._forget(queue_id)
+        if data is None:
+            data = await self._run(journal.data, queue_id)
+        return data
 
     async def remove(self, queue_id: str) -> None:
         """Remove a finished message (durably, entry first, so it is never half queued)."""
@@ -429,7 +437,7 @@ class Spool:
         # thread doing them in turn is several times slower (measured: bench/PERF-LOG.md).
         # What the batch shares is the directory fsync that makes the renames durable.
         errors: list[BaseException | None] = list(self._syncs.map(self._apply_one, batch))
-        _fsync_dir(self.queue_dir)
+        fsync_dir(self.queue_dir)
         return errors
 
     def _apply_one(self, op: _Op) -> OSError | None:
@@ -497,12 +505,8 @@ class Spool:
             self._loaded_checked.add(queue_id)
         journal = self.journal
         if journal is not None and queue_id in journal:
-            # Only this process knows it (the CLI acts on files): the entry kept is current.
-            kept = self._journal_entries.get(queue_id)
-            data = self._forget(queue_id)
-            if data is None:
-                data = await self._run(journal.data, queue_id)
-            return kept or SpoolEntry.from_json(journal.entry(queue_id)), data
+            kept_entry = self._journal_entry(journal, queue_id)  # before the bytes forget it
+            return kept_entry, await self._journal_bytes(journal, queue_id)
         fresh = self._fresh_entries.get(queue_id)
         data = self._forget(queue_id)
         if data is not None:
@@ -593,16 +597,21 @@ class Spool:
             os.close(fd)
 
 
-def server_running(directory: Path) -> bool:
-    """True when the pid file of spool ``directory`` names a running process."""
+def _signal_server(directory: Path, signum: int) -> bool:
+    """Send ``signum`` (0: none, a check) to the pid in the spool's pid file; False if none."""
     try:
         pid = int((directory / PIDFILE).read_text().strip())
-        os.kill(pid, 0)
+        os.kill(pid, signum)
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return False
     except PermissionError:
-        return True  # it exists, as another user
+        return signum == 0  # it exists, as another user, and may not be signalled
     return True
+
+
+def server_running(directory: Path) -> bool:
+    """True when the pid file of spool ``directory`` names a running process."""
+    return _signal_server(directory, 0)
 
 
 def notify_server(directory: Path) -> bool:
@@ -610,9 +619,4 @@ def notify_server(directory: Path) -> bool:
 
     Returns False when no server is running there (it rescans at start-up anyway).
     """
-    try:
-        pid = int((directory / PIDFILE).read_text().strip())
-        os.kill(pid, RESCAN_SIGNAL)
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
-        return False
-    return True
+    return _signal_server(directory, RESCAN_SIGNAL)

@@ -235,9 +235,7 @@ class QueueRunner:
                 continue  # its attempt started, or it is done
             self._active.add(queue_id)  # no attempt starts while it moves
             try:
-                entry, _ = await self.spool.load(queue_id)
-                self.spool.checked(queue_id)  # the retry from files checks the bytes again
-                await self.spool.update(entry)
+                await self.spool.move_to_files(queue_id)
             except Exception:
                 log.exception("%s: could not move the message from the journal", queue_id)
             finally:
