@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Journal", "JournalRecord", "live_messages", "read_segment"]
+__all__ = ["Journal", "JournalRecord", "fsync_dir", "live_messages", "read_segment"]
 
 log = logging.getLogger("filterhost.spool")
 
@@ -233,7 +233,7 @@ class Journal:
         for path in paths:
             path.unlink()
         if paths:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             log.info(
                 "journal: %d message(s) moved to the queue from %d segment(s)",
                 len(stored),
@@ -332,8 +332,8 @@ class Journal:
         if not self._busy and self._pending:
             self._start(loop)
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        # One batch at a time: offsets are handed out here, in the order of the file.
+    def _take_batch(self) -> tuple[list[_Pending], Batch]:
+        """Everything pending, as one batch (offsets are handed out here, in file order)."""
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
@@ -342,6 +342,10 @@ class Journal:
         batch.retired, self._retired_later = self._retired_later, []
         for op in ops:
             self.add(batch, op.kind, op.queue_id, op.entry, op.data, released=op.released)
+        return ops, batch
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        ops, batch = self._take_batch()  # one batch at a time
         if not batch:
             for op in ops:
                 if op.future is not None and not op.future.done():
@@ -397,7 +401,7 @@ class Journal:
                     os.ftruncate(self._fd, start)
                 raise
         if batch.new_segments:
-            _fsync_dir(self.directory)  # the new segment's name is durable too
+            fsync_dir(self.directory)  # the new segment's name is durable too
         for old in batch.retired:
             with contextlib.suppress(FileNotFoundError):
                 old.path.unlink()
@@ -423,15 +427,9 @@ class Journal:
         What is live in it stays for :meth:`recover` at the next start.
         """
         self._thread.shutdown(wait=True)
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        if self._pending:  # DONEs nobody waited for: written now, or they would be redone
-            ops, self._pending = self._pending, []
-            batch = Batch()
-            batch.retired, self._retired_later = self._retired_later, []
-            for op in ops:
-                self.add(batch, op.kind, op.queue_id, op.entry, op.data, released=op.released)
+        # DONEs nobody waited for: written now, or the next start would redo their messages.
+        _, batch = self._take_batch()
+        if batch:
             with contextlib.suppress(OSError):
                 self.write(batch)
         if self._fd is not None:
@@ -462,7 +460,8 @@ def _write_all(fd: int, buffers: list[bytes]) -> None:
                 written = 0
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the names in directory ``path`` durable (created, renamed, removed files)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
+from filterhost.journal import fsync_dir
 from filterhost.queuectl import (
     LOCK_TIMEOUT,
     AreaControl,
@@ -73,14 +73,6 @@ LOCK_POLL = 0.05
 log = logging.getLogger("filterhost.quarantine")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Quarantine:
     """The quarantine area of a spool, as the front end writes it."""
 
@@ -95,7 +87,7 @@ class Quarantine:
         if not existed:
             # A new directory entry is only durable once its parent is fsynced; without
             # this, a crash could lose the directory and every message acknowledged into it.
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def close(self) -> None:
         """Wait for writes in progress and stop the thread pool."""

@@ -55,7 +55,7 @@ async def test_250_waits_for_the_directory_fsync(
 ) -> None:
     """store() returns only after the batch's directory fsync, and fails when it fails."""
     calls: list[str] = []
-    real = spool_module._fsync_dir
+    real = spool_module.fsync_dir
 
     def failing(path: Path) -> None:
         calls.append("dir")
@@ -63,11 +63,11 @@ async def test_250_waits_for_the_directory_fsync(
 
     spool = Spool(tmp_path)
     spool.open()
-    monkeypatch.setattr(spool_module, "_fsync_dir", failing)
+    monkeypatch.setattr(spool_module, "fsync_dir", failing)
     with pytest.raises(OSError, match="EIO"):
         await spool.store(_entry(), b"x")
     assert calls == ["dir"]
-    monkeypatch.setattr(spool_module, "_fsync_dir", real)
+    monkeypatch.setattr(spool_module, "fsync_dir", real)
     await spool.store(_entry(), b"y")  # the spool goes on after a failed batch
     spool.close()
 
