@@ -40,6 +40,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from filterhost.journal import live_messages
 from filterhost.spool import RecipientState, Spool, SpoolEntry, notify_server
 
 __all__ = [
@@ -167,7 +168,10 @@ class AreaControl:
         return self.area.journal_entries()
 
     def _in_journal(self, queue_id: str) -> bool:
-        return any(e.id == queue_id for e in self._journal())
+        # Polled while a command waits: the record headers only, no entry is parsed.
+        if self.area.queue_dir.name != "queue":
+            return False
+        return queue_id in live_messages(self.area.directory / "journal")
 
     def resolve(self, id_or_prefix: str) -> str:
         """The id that ``id_or_prefix`` names: the id itself or an unambiguous prefix."""
