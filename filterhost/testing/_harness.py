@@ -278,7 +278,7 @@ class Harness:
             return await self._session(txn, trace, deliver=deliver)
         return await self._data(txn, trace, deliver=deliver, rcpt_replies={})
 
-    # -- the phases, as filterhost.smtp.server runs them ------------------------------------
+    # -- the phases, as filterhost.smtp.server and .handler run them -----------------------
 
     async def _refusal(
         self, hook: str, trace: list[PluginResult], context: str, **kwargs: Any
@@ -379,7 +379,7 @@ class Harness:
     def _refusal_before_chain(self, txn: Transaction) -> Reply | None:
         """The front end's checks at DATA, before the chain; the message is re-read as bytes.
 
-        Mirrors ``Handler.process`` and ``Handler._content`` in :mod:`filterhost.smtp.server`.
+        Mirrors ``Handler.process`` and ``Handler._content`` in :mod:`filterhost.smtp.handler`.
         """
         server = self.config.server
         if not txn.recipients:  # the front end refuses DATA before reading the message
