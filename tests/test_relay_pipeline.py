@@ -173,3 +173,41 @@ async def test_a_kept_connection_the_server_closed_is_replaced_without_a_deferra
         b"Subject: 1",
         b"Subject: 2",
     ]
+
+
+async def test_stopping_closes_a_connection_still_being_set_up() -> None:
+    """An attempt cancelled in EHLO (the queue runner stopping) closes its connection."""
+    asked = asyncio.Event()
+    ended = asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hang.test ESMTP\r\n")
+        await writer.drain()
+        assert (await reader.readline()).startswith(b"EHLO")  # never answered
+        asked.set()
+        await reader.read()  # until EOF, we hope
+        ended.set()
+        writer.close()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        attempt = asyncio.create_task(
+            deliver(
+                [MxHost("hang.test", 10, ("127.0.0.1",))],
+                Delivery("a@example.test", ["b@hang.test"], b"Subject: x\r\n\r\nbody\r\n"),
+                port=port,
+                helo="relay.test",
+                tls=TlsSettings("none"),
+                pool=ConnectionPool(30.0),
+                timeout=60.0,
+            )
+        )
+        await asyncio.wait_for(asked.wait(), 5)
+        attempt.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+        await asyncio.wait_for(ended.wait(), 5)
+    finally:
+        server.close()
+        await server.wait_closed()

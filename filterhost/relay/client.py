@@ -242,7 +242,7 @@ async def _starttls(
     return "starttls"
 
 
-async def _open(  # noqa: PLR0912 - each step of a session's set-up has its own failure mode
+async def _open(  # noqa: PLR0912, PLR0915 - each step of the set-up has its own failure mode
     host: MxHost,
     address: str,
     port: int,
@@ -278,6 +278,9 @@ async def _open(  # noqa: PLR0912 - each step of a session's set-up has its own 
                 start_tls=False,
             )
         await smtp.connect(timeout=connect_timeout)
+    except asyncio.CancelledError:
+        smtp.close()  # stopping: the connection being set up must not outlive the attempt
+        raise
     except aiosmtplib.SMTPResponseException as exc:
         raise _TryNextHost(remote_reply(exc.code, exc.message)) from None
     except (aiosmtplib.SMTPException, OSError, TimeoutError, ssl.SSLError) as exc:
@@ -321,7 +324,7 @@ async def _open(  # noqa: PLR0912 - each step of a session's set-up has its own 
                 raise _TryNextHost(
                     Reply(451, "4.7.0", f"{where}: authentication failed: {exc}")
                 ) from None
-    except _TryNextHost:
+    except (_TryNextHost, asyncio.CancelledError):
         smtp.close()
         raise
     except aiosmtplib.SMTPResponseException as exc:
