@@ -324,12 +324,13 @@ async def test_route_hook_and_outcome_observers(
 async def test_an_internal_error_is_451_never_500(
     tmp_path: Path, dns_server: Dns, monkeypatch: pytest.MonkeyPatch, mx: Any
 ) -> None:
-    async def broken(*args: object) -> str:
+    def broken(*args: object) -> str:
         raise KeyError("a bug of ours")
 
     conf = _conf(tmp_path, dns_server, mx.port, [])
     async with running_app(tmp_path, conf) as app:
-        monkeypatch.setattr(server.Handler, "handle_MAIL", broken)
+        # Both command paths accept a sender through it (see FilterhostSMTP._fast_mail).
+        monkeypatch.setattr(server.Handler, "mail_accepted", staticmethod(broken))
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port_of(app), start_tls=False)
         await client.connect()
         try:

@@ -135,6 +135,11 @@ class Handler:
         )
         if refused:
             return refused
+        return self.mail_accepted(envelope, address, mail_options)
+
+    @staticmethod
+    def mail_accepted(envelope: Envelope, address: str, mail_options: list[str]) -> str:
+        """MAIL FROM that passed every check: the transaction starts."""
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -149,9 +154,9 @@ class Handler:
     ) -> str:
         """RCPT TO after the syntax checks: recipient limit, plugins, then the relay policy."""
         fh = self._fh(server)
-        limit = self.front.config.server.max_recipients
-        if len(envelope.rcpt_tos) >= limit:
-            return wire(Reply(452, "4.5.3", f"Too many recipients (at most {limit} per message)"))
+        too_many = self.recipient_limit(envelope)
+        if too_many is not None:
+            return too_many
         sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         try:
             verdict = await self.front.hooks.chain(
@@ -165,6 +170,25 @@ class Handler:
         except Exception:
             log.exception("%s: internal error in the rcpt phase", fh.id)
             return wire(INTERNAL_ERROR)
+        return self.recipient_decision(server, envelope, address, rcpt_options, verdict)
+
+    def recipient_limit(self, envelope: Envelope) -> str | None:
+        """The refusal when the transaction already has ``max_recipients``, else None."""
+        limit = self.front.config.server.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
+            return wire(Reply(452, "4.5.3", f"Too many recipients (at most {limit} per message)"))
+        return None
+
+    def recipient_decision(
+        self,
+        server: FilterhostSMTP,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+        verdict: Verdict | None,
+    ) -> str:
+        """RCPT TO after the plugins' ``verdict``: their refusal, or the relay policy's."""
+        fh = self._fh(server)
         if verdict is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
             reply = verdict.effective_reply
             assert reply is not None
@@ -176,6 +200,7 @@ class Handler:
         if not accepted and not recipient_allowed(
             address, trusted=fh.trusted, relay_domains=self.front.config.server.relay_domains
         ):
+            sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
             log.info(
                 "%s: relay denied from=<%s> to=<%s> client=%s",
                 fh.id,

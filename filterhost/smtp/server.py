@@ -10,6 +10,9 @@ for a host on a hostile network:
 - the command loop: a command line ends only at CRLF (aiosmtpd's ``readuntil()`` also ends one
   at a bare LF, a desynchronisation vector); a line with a bare CR or NUL, or over 1000 octets,
   is refused; limits on errors, unknown and junk commands;
+- a synchronous command path: with no plugin on a session hook, EHLO, MAIL, RCPT and QUIT are
+  answered from ``data_received`` with no task or coroutine per command; everything else
+  runs in aiosmtpd's session task (see "the synchronous command path" below);
 - MAIL and RCPT: a strict path parser with the relay-hygiene checks
   (:mod:`filterhost.smtp.address`) and the DSN parameters (:mod:`filterhost.smtp.params`),
   which aiosmtpd refuses with 555; RCPT parameters are kept per recipient;
@@ -51,7 +54,7 @@ from filterhost.smtp.handler import (
     _discoverable_names,
     wire,
 )
-from filterhost.smtp.params import parse_mail_params, parse_rcpt_params
+from filterhost.smtp.params import MailParams, parse_mail_params, parse_rcpt_params
 from filterhost.smtp.policy import is_trusted
 from filterhost.smtp.replies import with_status
 from filterhost.smtp.tls import server_context
@@ -71,6 +74,7 @@ JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "EXPN"})
 # A web client or proxy scanner talking to the SMTP port: hang up at once (Postfix does too).
 HTTP_COMMANDS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
 MAX_HANDSHAKE = 60.0
+SESSION_HOOKS = ("filterhost_connect", "filterhost_helo", "filterhost_mail", "filterhost_rcpt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,19 @@ class FrontEnd:
         """Per STARTTLS or not: the settings of a session object (see ``_from_template``)."""
         self.reuse_port = False
         """Listen with SO_REUSEPORT: set when several worker processes share the ports."""
+        self._quiet_hooks: tuple[HookRunner, bool] | None = None
+
+    def session_hooks_idle(self) -> bool:
+        """True when no plugin implements a session hook (connect, HELO, MAIL, RCPT).
+
+        Sessions then take the synchronous command path (see ``FilterhostSMTP``). Checked
+        per connection; a reload brings a new :class:`HookRunner`, and the answer with it.
+        """
+        hooks = self.hooks
+        known = self._quiet_hooks
+        if known is None or known[0] is not hooks:
+            known = self._quiet_hooks = (hooks, not any(map(hooks.impls, SESSION_HOOKS)))
+        return known[1]
 
     def trusted(self, ip: str) -> bool:
         """True when ``ip`` is in ``mynetworks``, remembered per address.
@@ -237,6 +254,14 @@ class FilterhostSMTP(SMTP):
         """True while a command runs (between reading it and replying)."""
         self._idle_deadline = 0.0
         """Loop time at which the session is idle for too long (see :meth:`_reset_timeout`)."""
+        self._fast = False
+        """True while the synchronous command path reads this session's input."""
+        self._fast_ok = False
+        """The session may use the synchronous path (no session hooks, no TLS)."""
+        self._inbuf = bytearray()
+        """Input the synchronous path has not consumed yet."""
+        self._out: list[bytes] = []
+        """Replies of the synchronous path, written together (RFC 2920 pipelining)."""
 
     def _from_template(self, template: dict[str, Any]) -> None:
         """What ``SMTP.__init__`` would set, from an instance it set up before.
@@ -274,10 +299,13 @@ class FilterhostSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """A new connection (or, after STARTTLS, the same one over TLS)."""
         first = self.fh is None
+        if first and self._start_fast(transport):
+            return
         super().connection_made(transport)
         if first:
             self._admit(transport)
         elif self.fh is not None:
+            self._fast_ok = False
             # connection_made again: STARTTLS completed. RFC 3207 4.2: forget what the client
             # said before (aiosmtpd drops the buffered plaintext and the HELO name).
             self.fh.tls = True
@@ -317,6 +345,30 @@ class FilterhostSMTP(SMTP):
             front.clients[ip] += 1
             self._counted = True
 
+    def _start_fast(self, transport: asyncio.BaseTransport) -> bool:
+        """Open a session on the synchronous command path, if it may take it.
+
+        What aiosmtpd's ``connection_made`` does, less the session task: that is started
+        only when a command needs a coroutine (see :meth:`_to_coroutine`). Listeners with
+        TLS, and configurations where a plugin implements a session hook, keep aiosmtpd's
+        task-per-session path from the start.
+        """
+        listener = self.listener
+        if listener.implicit_tls or listener.require_tls or not self.front.session_hooks_idle():
+            return False
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.session = self._create_session()
+        self.session.peer = transport.get_extra_info("peername")
+        asyncio.StreamReaderProtocol.connection_made(self, transport)
+        self.transport = transport
+        self._admit(transport)
+        self._reset_timeout()
+        if self._open():
+            self._fast = self._fast_ok = True
+            self._out.append(f"220 {self.hostname} ESMTP filterhost\r\n".encode())
+            self._flush()
+        return True
+
     def connection_lost(self, error: Exception | None) -> None:
         """The connection is gone: release its place in the connection limits."""
         front = self.front
@@ -332,6 +384,14 @@ class FilterhostSMTP(SMTP):
         front.sessions.discard(self)
         if not front.sessions:
             front.idle.set()
+        if self._handler_coroutine is None:
+            # The synchronous path never started aiosmtpd's session task, which its
+            # connection_lost expects to cancel.
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            asyncio.StreamReaderProtocol.connection_lost(self, error)
+            self.transport = None
+            return
         super().connection_lost(error)
 
     def eof_received(self) -> bool:
@@ -343,13 +403,17 @@ class FilterhostSMTP(SMTP):
         the connection stayed counted against the limits for ever. Returning False closes
         the transport here, whatever the task got to do.
         """
-        super().eof_received()
+        if self._handler_coroutine is None:
+            asyncio.StreamReaderProtocol.eof_received(self)
+        else:
+            super().eof_received()
         return False
 
     def _say_and_close(self, line: str) -> None:
         """Send a last reply and close (buffered data is flushed first)."""
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            self._flush()
             transport.write(line.encode() + b"\r\n")  # type: ignore[attr-defined]
             transport.close()
 
@@ -386,23 +450,181 @@ class FilterhostSMTP(SMTP):
         log.info("%s: idle timeout, closing", session)
         self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
 
+    # -- the synchronous command path ----------------------------------------------------
+    #
+    # aiosmtpd runs a task per session that awaits each command line from a StreamReader and
+    # each reply's drain: a dozen coroutine steps and future wake-ups per command, and a task
+    # per connection. Most sessions only say EHLO, MAIL, RCPT, DATA and QUIT, and (with no
+    # plugin on the session hooks) nothing in EHLO, MAIL or RCPT needs to wait. Those are
+    # answered straight from data_received, replies to a pipelined group written together.
+    # Anything else (DATA, AUTH, STARTTLS, an odd line, a refusal that needs the coroutine
+    # path's handling) goes to the coroutine path with the unread input, byte for byte, so it
+    # sees exactly what it would have seen; that path hands the session back when it is
+    # between commands with nothing buffered. Both paths share the checks (``_check_mail``,
+    # ``_check_rcpt``, the Handler's policy), so they cannot answer differently.
+
+    def data_received(self, data: bytes) -> None:
+        """Input: the synchronous path's while it has the session, else aiosmtpd's reader."""
+        if not self._fast:
+            super().data_received(data)
+            return
+        self._inbuf += data
+        self._run_fast()
+
+    def _run_fast(self) -> None:
+        buf = self._inbuf
+        pos = 0
+        while self._fast:
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if len(buf) - pos >= MAX_LINE:
+                    self._to_coroutine(pos)  # it answers an over-long line
+                break
+            if end - pos + 1 > MAX_LINE or end == pos or buf[end - 1] != 0x0D:
+                self._to_coroutine(pos)  # it refuses the line, or ends the session
+                break
+            line = bytes(buf[pos : end - 1])
+            if b"\r" in line or b"\0" in line:
+                self._to_coroutine(pos)
+                break
+            self._reset_timeout()
+            try:
+                handled = self._fast_command(line)
+            except Exception as error:
+                self._reply(self._internal_error(error))
+                handled = True
+            if not handled:
+                self._to_coroutine(pos)
+                break
+            pos = end + 1
+            self._after_command()
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                self._fast = False
+                buf.clear()
+                break
+            if self._paused:  # type: ignore[attr-defined]
+                # The client is not reading its replies: let the coroutine path wait for it.
+                self._to_coroutine(pos)
+                break
+        self._flush()
+        if self._fast:
+            del buf[:pos]
+
+    def _fast_command(self, line: bytes) -> bool:
+        """Answer ``line`` if it is one the synchronous path takes; False: it does not."""
+        verb, _, arg_bytes = line.partition(b" ")
+        verb = verb.upper()
+        arg_bytes = arg_bytes.strip(b" ")
+        arg = arg_bytes.decode("utf-8", "surrogateescape") if arg_bytes else None
+        if verb == b"RCPT":
+            return self._fast_rcpt(arg)
+        if verb == b"MAIL":
+            return self._fast_mail(arg)
+        if verb in (b"EHLO", b"HELO") and arg:
+            self._fast_greet(arg, esmtp=verb == b"EHLO")
+            return True
+        if verb == b"QUIT" and arg is None:
+            self._out.append(f"{with_status('221 Bye')}\r\n".encode())
+            self._flush()
+            assert self.transport is not None
+            self.transport.close()
+            return True
+        return False
+
+    def _fast_greet(self, hostname: str, *, esmtp: bool) -> None:
+        assert self.fh is not None
+        assert self.session is not None
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.session.extended_smtp = esmtp
+        self.fh.helo, self.fh.esmtp = hostname, esmtp
+        self.session.host_name = hostname
+        self._out.append(self._greeting(esmtp=esmtp))
+
+    def _fast_mail(self, arg: str | None) -> bool:
+        checked = self._check_mail(arg)
+        if checked is None:
+            return True
+        if isinstance(checked, str):
+            self._reply(checked)
+            return True
+        address, params = checked
+        envelope = self.envelope
+        assert envelope is not None
+        self._reply(self.front.handler.mail_accepted(envelope, address, params.stored))
+        envelope.smtp_utf8 = params.smtputf8
+        return True
+
+    def _fast_rcpt(self, arg: str | None) -> bool:
+        checked = self._check_rcpt(arg)
+        if isinstance(checked, str):
+            self._reply(checked)
+            return True
+        address, options = checked
+        envelope = self.envelope
+        assert isinstance(envelope, FhEnvelope)
+        handler = self.front.handler
+        status = handler.recipient_limit(envelope) or handler.recipient_decision(
+            self, envelope, address, options, None
+        )
+        if status.startswith("2"):
+            envelope.rcpt_params.setdefault(address, options)
+        self._reply(status)
+        return True
+
+    def _reply(self, status: str) -> None:
+        self._out.append(self._counted_reply(status).encode() + b"\r\n")
+
+    def _flush(self) -> None:
+        if self._out:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(b"".join(self._out))  # type: ignore[attr-defined]
+            self._out.clear()
+
+    def _to_coroutine(self, pos: int) -> None:
+        """Hand the session to aiosmtpd's task from ``pos`` of the unread input on."""
+        self._fast = False
+        self._flush()
+        rest = bytes(self._inbuf[pos:])
+        self._inbuf.clear()
+        if rest:
+            self._reader.feed_data(rest)
+        self._handler_coroutine = self.loop.create_task(self._command_loop())
+
+    def _may_go_fast(self) -> bool:
+        """True when the coroutine path may hand the session back (between commands)."""
+        transport = self.transport
+        return (
+            self._fast_ok
+            and not self._reader._buffer  # type: ignore[attr-defined]
+            and not self._reader.at_eof()
+            and not self._paused  # type: ignore[attr-defined]
+            and transport is not None
+            and not transport.is_closing()
+        )
+
     # -- replies ----------------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
         """Send one reply line, with an RFC 3463 code; count 4xx/5xx towards the error limit."""
         if isinstance(status, str):
-            status = with_status(status)
-            # The last line of a 4xx/5xx reply is one error (Postfix smtpd_hard_error_limit);
-            # 421 ends the session anyway, and "too many recipients" is the client's retry cue.
-            if (
-                status[:1] in "45"
-                and status[3:4] != "-"
-                and not status.startswith(("421", "452 4.5.3"))
-            ):
-                self.errors += 1
-            await super().push(status)
+            await super().push(self._counted_reply(status))
         else:
             await super().push(status)
+
+    def _counted_reply(self, status: str) -> str:
+        """``status`` with its enhanced code; a 4xx/5xx counts towards the error limit."""
+        status = with_status(status)
+        # The last line of a 4xx/5xx reply is one error (Postfix smtpd_hard_error_limit);
+        # 421 ends the session anyway, and "too many recipients" is the client's retry cue.
+        if (
+            status[:1] in "45"
+            and status[3:4] != "-"
+            and not status.startswith(("421", "452 4.5.3"))
+        ):
+            self.errors += 1
+        return status
 
     async def _push_raw(self, *lines: str) -> None:
         """Send lines as they are: the greeting and HELO/EHLO replies (RFC 2034 exempts them)."""
@@ -414,13 +636,17 @@ class FilterhostSMTP(SMTP):
 
         The traceback goes to the log only.
         """
+        return self._internal_error(error)
+
+    def _internal_error(self, error: Exception) -> str:
         session = self.fh.id if self.fh is not None else "-"
         log.error("%s: internal error in the SMTP session", session, exc_info=error)
         return wire(INTERNAL_ERROR)
 
     # -- the command loop -------------------------------------------------------------------
 
-    async def _handle_client(self) -> None:
+    def _open(self) -> bool:
+        """Count and log the new session; False when the limits refused it (421, closing)."""
         fh = self.fh
         assert fh is not None
         metrics = self.front.hooks.metrics
@@ -429,7 +655,7 @@ class FilterhostSMTP(SMTP):
             if metrics is not None:
                 metrics.sessions.labels("refused").inc()
             self._say_and_close(self.refusal)
-            return
+            return False
         if metrics is not None:
             metrics.sessions.labels("admitted").inc()
         log.info(
@@ -440,6 +666,13 @@ class FilterhostSMTP(SMTP):
             fh.trusted,
             " tls=implicit" if fh.tls else "",
         )
+        return True
+
+    async def _handle_client(self) -> None:
+        fh = self.fh
+        assert fh is not None
+        if not self._open():
+            return
         try:
             verdict = await self.front.hooks.chain("filterhost_connect", context=fh.id, session=fh)
         except Exception:
@@ -473,11 +706,10 @@ class FilterhostSMTP(SMTP):
                         await self._dispatch(line)
                     finally:
                         self.busy = False
-                if self.front.stopping:
-                    self.close_if_idle()
-                if self.errors >= self.limits.max_errors_per_session:
-                    log.info("%s: too many errors, closing", self.fh.id)
-                    self._say_and_close(f"421 4.7.0 {self.hostname} Error: too many errors")
+                self._after_command()
+                if self._may_go_fast():
+                    self._fast = True
+                    return
             except asyncio.CancelledError:
                 # The connection is gone (aiosmtpd cancels this task on EOF or loss).
                 self._writer.close()
@@ -499,6 +731,15 @@ class FilterhostSMTP(SMTP):
                     await self.push(await self.handle_exception(error))
                 except ConnectionError:
                     return
+
+    def _after_command(self) -> None:
+        """Between commands: end the session when shutting down or after too many errors."""
+        if self.front.stopping:
+            self.close_if_idle()
+        if self.errors >= self.limits.max_errors_per_session:
+            assert self.fh is not None
+            log.info("%s: too many errors, closing", self.fh.id)
+            self._say_and_close(f"421 4.7.0 {self.hostname} Error: too many errors")
 
     async def _read_line(self) -> bytes | None:
         """One command line without its CRLF; None when it was refused (replied, or closing)."""
@@ -604,9 +845,14 @@ class FilterhostSMTP(SMTP):
             await self.push(refused)
             return
         self.session.host_name = hostname
+        self._writer.write(self._greeting(esmtp=esmtp))
+        await self._writer.drain()
+
+    def _greeting(self, *, esmtp: bool) -> bytes:
+        """The reply to HELO (one line) or EHLO (the extensions this session may use)."""
+        assert self.fh is not None
         if not esmtp:
-            await self._push_raw(f"250 {self.hostname}")
-            return
+            return f"250 {self.hostname}\r\n".encode()
         features = [
             "PIPELINING",
             f"SIZE {self.limits.max_message_size}",
@@ -621,85 +867,109 @@ class FilterhostSMTP(SMTP):
             features.append("AUTH PLAIN LOGIN")
         features.append("HELP")
         lines = [self.hostname, *features]
-        await self._push_raw(*(f"250-{x}" for x in lines[:-1]), f"250 {lines[-1]}")
+        return "".join([*(f"250-{x}\r\n" for x in lines[:-1]), f"250 {lines[-1]}\r\n"]).encode()
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         """MAIL FROM: path, parameters (SIZE, BODY, SMTPUTF8, RET, ENVID, AUTH), then policy."""
-        if await self.check_helo_needed():
+        checked = self._check_mail(arg)
+        if checked is None:
             return
+        if isinstance(checked, str):
+            await self.push(checked)
+            return
+        address, params = checked
+        envelope = self.envelope
+        assert self.session is not None
+        assert envelope is not None
+        status = await self.front.handler.handle_MAIL(
+            self, self.session, envelope, address, params.stored
+        )
+        if status.startswith("2"):
+            envelope.smtp_utf8 = params.smtputf8
+        await self.push(status)
+
+    def _check_mail(  # noqa: PLR0911 - one reply per case
+        self, arg: str | None
+    ) -> str | tuple[str, MailParams] | None:
+        """MAIL FROM before the plugins: a refusal, the sender and its parameters, or None.
+
+        None: the session is closing (its message limit). Changes nothing else, so both
+        command paths share it.
+        """
         assert self.fh is not None
         assert self.session is not None
         envelope = self.envelope
         assert isinstance(envelope, FhEnvelope)
+        if not self.session.host_name:
+            return "503 Error: send HELO first"
         if envelope.mail_from:
-            await self.push("503 5.5.1 Error: nested MAIL command")
-            return
+            return "503 5.5.1 Error: nested MAIL command"
         if self.messages >= self.limits.max_messages_per_session:
             log.info("%s: message limit of the session reached, closing", self.fh.id)
             self._say_and_close(
                 f"421 4.7.0 {self.hostname} Error: too many messages in one session; reconnect"
             )
-            return
+            return None
         if not arg or arg[:5].upper() != "FROM:":
-            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
-            return
+            return "501 5.5.4 Syntax: MAIL FROM:<address>"
         try:
             path = parse_path(arg[5:], sender=True)
             if path.params and not self.session.extended_smtp:
                 raise AddressError(Reply(501, "5.5.4", "MAIL parameters need EHLO"))
             params = parse_mail_params(path.params, max_size=self.limits.max_message_size)
         except AddressError as refused:
-            await self.push(wire(refused.reply))
-            return
+            return wire(refused.reply)
         problem = check_mailbox(
             path.mailbox, sender=True, trusted=self.fh.trusted, smtputf8=params.smtputf8
         )
         if problem is not None:
-            await self.push(wire(problem))
-            return
-        status = await self.front.handler.handle_MAIL(
-            self, self.session, envelope, path.address or "<>", params.stored
-        )
-        if status.startswith("2"):
-            envelope.smtp_utf8 = params.smtputf8
-        await self.push(status)
+            return wire(problem)
+        return path.address or "<>", params
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         """RCPT TO: path, DSN parameters (NOTIFY, ORCPT) kept per recipient, then policy."""
-        if await self.check_helo_needed():
+        checked = self._check_rcpt(arg)
+        if isinstance(checked, str):
+            await self.push(checked)
             return
+        address, options = checked
+        envelope = self.envelope
+        assert self.session is not None
+        assert isinstance(envelope, FhEnvelope)
+        status = await self.front.handler.handle_RCPT(
+            self, self.session, envelope, address, options
+        )
+        if status.startswith("2"):
+            envelope.rcpt_params.setdefault(address, options)
+        await self.push(status)
+
+    def _check_rcpt(self, arg: str | None) -> str | tuple[str, list[str]]:
+        """RCPT TO before the plugins: a refusal, or the recipient and its parameters."""
         assert self.fh is not None
         assert self.session is not None
         envelope = self.envelope
         assert isinstance(envelope, FhEnvelope)
+        if not self.session.host_name:
+            return "503 Error: send HELO first"
         if not envelope.mail_from:
-            await self.push("503 5.5.1 Error: need MAIL command")
-            return
+            return "503 5.5.1 Error: need MAIL command"
         if not arg or arg[:3].upper() != "TO:":
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
-            return
+            return "501 5.5.4 Syntax: RCPT TO:<address>"
         try:
             path = parse_path(arg[3:], sender=False)
             if path.params and not self.session.extended_smtp:
                 raise AddressError(Reply(501, "5.5.4", "RCPT parameters need EHLO"))
             options = parse_rcpt_params(path.params, smtputf8=envelope.smtp_utf8)
         except AddressError as refused:
-            await self.push(wire(refused.reply))
-            return
+            return wire(refused.reply)
         problem = check_mailbox(
             path.mailbox, sender=False, trusted=self.fh.trusted, smtputf8=envelope.smtp_utf8
         )
         if problem is not None:
-            await self.push(wire(problem))
-            return
-        status = await self.front.handler.handle_RCPT(
-            self, self.session, envelope, path.address, options
-        )
-        if status.startswith("2"):
-            envelope.rcpt_params.setdefault(path.address, options)
-        await self.push(status)
+            return wire(problem)
+        return path.address, options
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str | None) -> None:

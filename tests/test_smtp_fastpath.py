@@ -1,0 +1,189 @@
+"""The front end's two command paths answer alike.
+
+With no plugin on a session hook, EHLO, MAIL, RCPT and QUIT are answered straight from
+``data_received`` (``FilterhostSMTP._run_fast``); everything else, and every session when a
+plugin does implement a session hook, goes through aiosmtpd's task-per-session loop. The same
+conversation, byte for byte, must get the same replies either way, one command per write or
+pipelined, and the session must really be on the path the test means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from filterhost import Session, Verdict, hookimpl
+from filterhost.app import App
+from filterhost.smtp.server import FilterhostSMTP
+from tests.components.fixtures import Sinks
+from tests.components.services import Dns, free_port
+from tests.filterhost_fixtures import base_config, port_of, running_app
+
+MESSAGE = b"From: a@example.test\r\nSubject: paths\r\n\r\n..a stuffed line\r\nbody\r\n.\r\n"
+
+# One exchange per item: the bytes sent, then (when the next item is a message) its data.
+CONVERSATION: list[bytes] = [
+    b"EHLO client.test",
+    b"MAIL FROM:<bad",
+    b"MAIL FROM:<alice@example.test> SIZE=100 BODY=8BITMIME",
+    b"MAIL FROM:<alice@example.test>",
+    b"RCPT TO:<user@mx.test.>",
+    b"RCPT TO:<bob@mx.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@mx.test",
+    b"RCPT TO:<carol@mx.test>",
+    b"rcpt to:<dave@mx.test>",
+    b"RSET",
+    b"NOOP",
+    b"VRFY bob",
+    b"XYZZY",
+    b"RCPT TO:<bob@mx.test>",
+    b"MAIL FROM:<alice@example.test> SIZE=99999999999",
+    b"MAIL FROM:<alice@example.test>",
+    b"RCPT TO:<bob@mx.test>",
+    b"DATA",
+    MESSAGE,
+    b"MAIL FROM:<>",
+    b"RCPT TO:<erin@mx.test> NOTIFY=NEVER",
+    b"DATA extra",
+    b"DATA",
+    MESSAGE,
+    b"HELO again.test",
+    b"MAIL FROM:<alice@example.test> SIZE=10",
+    b"RSET",
+    b"EHLO",
+    b"QUIT now",
+    b"QUIT",
+]
+
+
+class SessionHookOnly:
+    """Implements a session hook and does nothing: its presence alone takes the task path."""
+
+    @hookimpl
+    def filterhost_rcpt(self, session: Session, recipient: str) -> Verdict | None:
+        return None
+
+
+@pytest.fixture
+def mx(sinks: Sinks) -> Any:
+    return sinks.start("127.0.0.2", free_port())
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    lines = []
+    while True:
+        line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)
+        lines.append(line)
+        if line[3:4] != b"-":
+            return b"".join(lines)
+
+
+def _groups(pipelined: bool) -> list[list[bytes]]:
+    """The conversation as writes: one command each, or pipelined up to each DATA/QUIT."""
+    if not pipelined:
+        return [[item] for item in CONVERSATION]
+    groups: list[list[bytes]] = [[]]
+    for item in CONVERSATION:
+        if item is MESSAGE:
+            groups.append([item])
+            groups.append([])
+        else:
+            groups[-1].append(item)
+    return [g for g in groups if g]
+
+
+def _session(app: App) -> FilterhostSMTP:
+    (session,) = app.front.sessions
+    return session
+
+
+async def _converse(app: App, *, pipelined: bool) -> tuple[list[bytes], list[tuple[bytes, bool]]]:
+    """The replies to CONVERSATION; after each write, its last item and whether a task ran."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(app))
+    replies = [await _reply(reader)]
+    tasks: list[tuple[bytes, bool]] = []
+    try:
+        for group in _groups(pipelined):
+            writer.write(b"".join(g if g is MESSAGE else g + b"\r\n" for g in group))
+            for _ in group:
+                replies.append(await _reply(reader))
+            if app.front.sessions:
+                session = _session(app)
+                task = session._handler_coroutine
+                tasks.append((group[-1], task is not None and not task.done()))
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed after QUIT
+    finally:
+        writer.close()
+    return replies, tasks
+
+
+def _normal(replies: list[bytes]) -> list[bytes]:
+    return [re.sub(rb"queued as \S+", b"queued as ID", r) for r in replies]
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-by-one", "pipelined"])
+async def test_both_command_paths_answer_alike(
+    tmp_path: Path, dns_server: Dns, mx: Any, pipelined: bool
+) -> None:
+    fast_conf = base_config(tmp_path / "fast", free_port(), dns_server, mx.port)
+    slow_conf = base_config(
+        tmp_path / "slow", free_port(), dns_server, mx.port, plugins={"order": ["quiet"]}
+    )
+    async with running_app(tmp_path / "fast", fast_conf) as fast_app:
+        assert fast_app.front.session_hooks_idle()
+        fast, fast_tasks = await _converse(fast_app, pipelined=pipelined)
+    async with running_app(
+        tmp_path / "slow", slow_conf, plugins={"quiet": SessionHookOnly()}
+    ) as slow_app:
+        assert not slow_app.front.session_hooks_idle()
+        slow, slow_tasks = await _converse(slow_app, pipelined=pipelined)
+
+    assert _normal(fast) == _normal(slow)
+    # What the conversation is meant to exercise did happen (on both paths).
+    codes = [r[:3] for r in fast]
+    assert codes.count(b"250") >= 10
+    assert {b"501", b"503", b"553", b"552", b"500"} <= set(codes)
+    assert fast[-1].startswith(b"221 2.0.0")
+    assert sum(b"queued as" in r for r in fast) == 2
+    # The task path was in charge of every slow session. The fast one had a task only while a
+    # DATA was under way (and, briefly, for the odd commands: handed back once answered).
+    assert all(alive for _, alive in slow_tasks)
+    assert [last for last, alive in fast_tasks if alive] == [
+        last for last, _ in fast_tasks if last == b"DATA"
+    ]
+    assert len(fast_tasks) > 3
+
+
+async def test_a_session_uses_a_task_only_for_data(
+    tmp_path: Path, dns_server: Dns, mx: Any
+) -> None:
+    conf = base_config(tmp_path, free_port(), dns_server, mx.port)
+    async with running_app(tmp_path, conf) as app:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(app))
+        try:
+            await _reply(reader)
+            for line in (
+                b"EHLO client.test",
+                b"MAIL FROM:<a@example.test>",
+                b"RCPT TO:<b@mx.test>",
+            ):
+                writer.write(line + b"\r\n")
+                assert (await _reply(reader)).startswith(b"250")
+            session = _session(app)
+            assert session._handler_coroutine is None
+            writer.write(b"DATA\r\n")
+            assert (await _reply(reader)).startswith(b"354")
+            task = session._handler_coroutine
+            assert task is not None  # DATA is read by the task
+            assert not task.done()
+            writer.write(MESSAGE)
+            assert b"queued as" in await _reply(reader)
+            await asyncio.wait_for(asyncio.shield(task), 5)  # handed back, then it ended
+            writer.write(b"MAIL FROM:<a@example.test>\r\n")
+            assert (await _reply(reader)).startswith(b"250 2.1.0")
+            assert session._handler_coroutine is task  # no new task for MAIL
+        finally:
+            writer.close()
