@@ -13,7 +13,7 @@ import pytest
 import filterhost.spool as spool_module
 from filterhost.relay.client import ConnectionPool, _Conn
 from filterhost.relay.queue import share_of
-from filterhost.smtp.data import _BAD_BYTES, check_content
+from filterhost.smtp.data import _BAD_BYTES, check_content, decode_body, has_bare_line_end
 from filterhost.smtp.server import FilterhostSMTP, Handler, _discoverable_names
 from filterhost.spool import RecipientState, Spool, SpoolEntry, new_queue_id
 from tests.components.services import free_port
@@ -232,9 +232,13 @@ def test_content_check_fast_path_agrees_with_the_regex() -> None:
     rng = random.Random(7)
     for _ in range(20000):
         content = bytes(rng.choice(b"a\r\n\x00") for _ in range(rng.randint(0, 8)))
-        bad = _BAD_BYTES.search(content) is not None
+        bad = _BAD_BYTES.search(content)
         reply = check_content(content)
-        assert (reply is not None) == bad, content
+        assert (reply is not None) == (bad is not None), content
+        if reply is not None and bad is not None:
+            # The first problem in the message is the one named.
+            what = {b"\r": "bare CR", b"\n": "bare LF", b"\x00": "NUL"}[bad.group()]
+            assert f"contains a {what};" in reply.text, content
 
 
 def test_long_line_check_agrees_with_splitting_into_lines() -> None:
@@ -297,3 +301,14 @@ async def test_the_first_load_takes_the_entry_kept_in_memory_only_while_its_file
     assert entry.hold  # changed on disk: read back
     assert entry is not changed
     spool.close()
+
+
+def test_unstuffing_and_line_end_searches_agree_with_the_plain_operations() -> None:
+    rng = random.Random(5)
+    for _ in range(20000):
+        raw = bytes(rng.choice(b"a.\r\n") for _ in range(rng.randint(0, 10)))
+        plain = raw[1:] if raw.startswith(b".") else raw
+        assert decode_body(raw) == plain.replace(b"\r\n.", b"\r\n"), raw
+        crlf = raw.count(b"\r\n")
+        bare = raw.count(b"\r") != crlf or raw.count(b"\n") != crlf
+        assert has_bare_line_end(raw) == bare, raw

@@ -18,6 +18,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from filterhost.smtp.data import has_bare_line_end, has_dot_line
+
 __all__ = ["NextHop", "Outcome", "ServerReply", "wire_message"]
 
 _MAX_REPLY = 64 * 1024  # bytes of one reply (all its lines); past it the session is broken
@@ -50,15 +52,14 @@ def wire_message(data: bytes, *, checked: bool = False) -> bytes:
     end turned into CRLF, as aiosmtplib did for every message: never a bare LF or CR that a
     next hop could take for part of an end of data.
     """
-    if not checked:
-        crlf = data.count(b"\r\n")
-        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
-            data = _LINE_END.sub(b"\r\n", data)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
+    if not checked and has_bare_line_end(data):
+        data = _LINE_END.sub(b"\r\n", data)
+    tail = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
     # RFC 5321 4.5.2: a line that starts with a dot gets one more.
     head = b"." if data.startswith(b".") else b""
-    return head + data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    if has_dot_line(data):
+        data = data.replace(b"\r\n.", b"\r\n..")
+    return b"".join((head, data, tail))  # one copy of the message, not two
 
 
 class _Replies(asyncio.Protocol):

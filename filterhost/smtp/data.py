@@ -16,13 +16,29 @@ from typing import Literal
 
 from filterhost.verdict import Reply
 
-__all__ = ["DataResult", "check_content", "decode_body", "header_size", "read_data"]
+__all__ = [
+    "DataResult",
+    "check_content",
+    "decode_body",
+    "has_bare_line_end",
+    "has_dot_line",
+    "header_size",
+    "read_data",
+]
 
 _END = b"\r\n.\r\n"
 _BLOCK = 256 * 1024
 # A bare CR, a bare LF, or a NUL: anything but CRLF line ends smuggles or corrupts.
 _BAD_BYTES = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
-_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# The same, one at a time: a pattern that starts with a literal lets re skip ahead to each
+# candidate byte, ~0.5 ms per MB each, where the alternation above steps through every byte
+# (~20 ms per MB) and bytes.count runs ~0.4 ms (one byte) to ~1 ms (CRLF) per MB.
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
+# A line that starts with a dot (after the first line): what dot-stuffing changes. re finds
+# this literal in about half the time of bytes.find / bytes.replace.
+_DOT_LINE = re.compile(rb"\r\n\.")
+_END_RE = re.compile(re.escape(_END))
 # For line_endings = "normalize": every line end (CRLF, bare CR, bare LF) becomes CRLF.
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 # RFC 5321 4.5.3.1.6: a line is at most 1000 octets with its CRLF.
@@ -69,8 +85,9 @@ async def read_data(
         if on_chunk is not None:
             on_chunk()
         buf += chunk
-        end = buf.find(_END, scan_from)
-        if end >= 0:
+        found = _END_RE.search(buf, scan_from)
+        if found is not None:
+            end = found.start()
             _push_back(reader, bytes(buf[end + len(_END) :]))
             size += end
             if too_big or end > limit:  # the body is buf[2:end + 2]: ``end`` bytes
@@ -97,12 +114,22 @@ def decode_body(raw: bytes, line_endings: Literal["reject", "normalize"] = "reje
     refuse. The end of DATA was found on the raw bytes before this (only ``CRLF.CRLF``), so
     normalising never ends a message early.
     """
-    if line_endings == "normalize" and _BARE.search(raw) is not None:
+    if line_endings == "normalize" and has_bare_line_end(raw):
         raw = _LINE_END.sub(b"\r\n", raw)  # only then: most messages need no rewriting
     # Undo dot-stuffing (RFC 5321 4.5.2): one leading dot off every line that has one.
     if raw.startswith(b"."):
         raw = raw[1:]
-    return raw.replace(b"\r\n.", b"\r\n")
+    return raw.replace(b"\r\n.", b"\r\n") if has_dot_line(raw) else raw
+
+
+def has_dot_line(data: bytes) -> bool:
+    """True when a line after the first starts with a dot (so stuffing changes ``data``)."""
+    return _DOT_LINE.search(data) is not None
+
+
+def has_bare_line_end(data: bytes) -> bool:
+    """True when ``data`` has a CR not before a LF, or a LF not after a CR."""
+    return _BARE_CR.search(data) is not None or _BARE_LF.search(data) is not None
 
 
 def header_size(content: bytes) -> int:
@@ -115,14 +142,20 @@ def header_size(content: bytes) -> int:
 
 def check_content(content: bytes) -> Reply | None:
     """The 5xx reply a message gets for bare CR, bare LF, NUL or an over-long line; else None."""
-    # Every CR and every LF is part of a CRLF exactly when the three counts agree: four scans
-    # in C at memory speed, where the regex below steps through every byte (~7% of the CPU
-    # of a 5 KB message). The regex only runs to name what is wrong.
-    crlf = content.count(b"\r\n")
-    clean = content.count(b"\r") == crlf and content.count(b"\n") == crlf and b"\x00" not in content
-    bad = None if clean else _BAD_BYTES.search(content)
-    if bad is not None:
-        what = {b"\r": "bare CR", b"\n": "bare LF", b"\x00": "NUL"}[bad.group()]
+    # Three searches that skip to candidate bytes (see _BARE_CR); the first problem is named.
+    found = [
+        (m.start(), what)
+        for m, what in (
+            (_BARE_CR.search(content), "bare CR"),
+            (_BARE_LF.search(content), "bare LF"),
+        )
+        if m is not None
+    ]
+    nul = content.find(b"\x00")
+    if nul >= 0:
+        found.append((nul, "NUL"))
+    if found:
+        what = min(found)[1]
         return Reply(
             554, "5.6.0", f"Message contains a {what}; lines must end with CRLF (RFC 5321 2.3.8)"
         )
