@@ -153,11 +153,15 @@ class _Where:
     entry: bytes
 
 
+_Rec = tuple[int, str, bytes, bytes]
+"""A record to write: kind, queue id, entry, data (framed and checksummed by the writer)."""
+
+
 @dataclass(slots=True)
 class Batch:
     """Records to append, in order, grouped by segment (made by :meth:`Journal.add`)."""
 
-    groups: list[tuple[_Segment, list[bytes]]] = field(default_factory=list)
+    groups: list[tuple[_Segment, list[_Rec]]] = field(default_factory=list)
     new_segments: bool = False
     retired: list[_Segment] = field(default_factory=list)
     """Segments whose last live message is done by this batch: deleted once it is durable."""
@@ -270,8 +274,10 @@ class Journal:
         """
         if kind == DONE and not released and not self._release(queue_id, batch.retired):
             return False
-        buffers = _record(kind, queue_id, entry, data)
-        size = sum(len(b) for b in buffers)
+        # Framed and checksummed in the commit thread (:meth:`write`): zlib.crc32 lets go of
+        # the GIL, so a large message's CRC runs beside the event loop instead of in it.
+        meta = _HEADER.size + len(queue_id) + len(entry)
+        size = meta + len(data)
         current = self._current
         if current is None or (
             kind == STORE and current.size and current.size + size > self.segment_size
@@ -284,13 +290,13 @@ class Journal:
             self._next_seq += 1
             batch.new_segments = True
         if kind == STORE:
-            offset = current.size + len(buffers[0])
+            offset = current.size + meta
             self._index[queue_id] = _Where(current, offset, len(data), entry)
             current.live.add(queue_id)
         current.size += size
         if not batch.groups or batch.groups[-1][0] is not current:
             batch.groups.append((current, []))
-        batch.groups[-1][1].extend(buffers)
+        batch.groups[-1][1].append((kind, queue_id, entry, data))
         return True
 
     def forget(self, queue_id: str) -> None:
@@ -383,7 +389,8 @@ class Journal:
 
     def write(self, batch: Batch) -> None:
         """Append ``batch`` and make it durable (the commit thread; one batch at a time)."""
-        for segment, buffers in batch.groups:
+        for segment, records in batch.groups:
+            buffers = [b for record in records for b in _record(*record)]
             if self._fd is None or self._fd_seq != segment.seq:
                 if self._fd is not None:
                     os.close(self._fd)

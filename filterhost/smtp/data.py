@@ -17,6 +17,7 @@ from typing import Literal
 from filterhost.verdict import Reply
 
 __all__ = [
+    "DataCollector",
     "DataResult",
     "check_content",
     "decode_body",
@@ -65,6 +66,47 @@ def _push_back(reader: asyncio.StreamReader, data: bytes) -> None:
         reader._buffer[0:0] = data  # type: ignore[attr-defined]
 
 
+class DataCollector:
+    """DATA as it arrives, block by block, up to ``CRLF.CRLF``; the one end-of-data rule.
+
+    Both command paths use it (:func:`read_data` for aiosmtpd's session task, the front end's
+    synchronous path directly), so they cannot disagree on where a message ends. At most
+    ``limit`` bytes are kept; past that the data is read on to its end and dropped, so the
+    session stays in step and the client gets its 552 after the data (RFC 5321 4.2.5).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        # A virtual CRLF in front lets a message that is just ".\r\n" match the same pattern.
+        self._buf = bytearray(b"\r\n")
+        self._scan_from = 0
+        self._size = 0
+        self._too_big = False
+
+    def feed(self, chunk: bytes) -> tuple[DataResult, bytes] | None:
+        """Take ``chunk``; at the end of DATA, the result and the bytes that came after it."""
+        buf = self._buf
+        buf += chunk
+        found = _END_RE.search(buf, self._scan_from)
+        if found is not None:
+            end = found.start()
+            rest = bytes(buf[end + len(_END) :])
+            self._size += end
+            if self._too_big or end > self.limit:  # the body is buf[2:end + 2]: ``end`` bytes
+                return DataResult(None, self._size, too_big=True), rest
+            # One copy out of the buffer (slicing the bytearray first would make two).
+            with memoryview(buf) as view:
+                return DataResult(bytes(view[2 : end + 2]), self._size), rest
+        # Keep the last 4 bytes in view: the end marker may straddle two blocks.
+        self._scan_from = max(0, len(buf) - (len(_END) - 1))
+        if len(buf) - 2 > self.limit:
+            self._too_big = True
+            self._size += self._scan_from
+            del buf[: self._scan_from]
+            self._scan_from = 0
+        return None
+
+
 async def read_data(
     reader: asyncio.StreamReader, limit: int, on_chunk: Callable[[], None] | None = None
 ) -> DataResult:
@@ -73,37 +115,18 @@ async def read_data(
     ``on_chunk`` is called for each block received (the idle timer counts from the last one).
     Raises :class:`ConnectionResetError` when the stream ends before the end of DATA.
     """
-    # A virtual CRLF in front lets a message that is just ".\r\n" match the same pattern.
-    buf = bytearray(b"\r\n")
-    scan_from = 0
-    size = 0
-    too_big = False
+    collector = DataCollector(limit)
     while True:
         chunk = await reader.read(_BLOCK)
         if not chunk:
             raise ConnectionResetError("connection closed during DATA")
         if on_chunk is not None:
             on_chunk()
-        buf += chunk
-        found = _END_RE.search(buf, scan_from)
-        if found is not None:
-            end = found.start()
-            _push_back(reader, bytes(buf[end + len(_END) :]))
-            size += end
-            if too_big or end > limit:  # the body is buf[2:end + 2]: ``end`` bytes
-                return DataResult(None, size, too_big=True)
-            # One copy out of the buffer (slicing the bytearray first would make two).
-            with memoryview(buf) as view:
-                return DataResult(bytes(view[2 : end + 2]), size)
-        # Keep the last 4 bytes in view: the end marker may straddle two blocks.
-        scan_from = max(0, len(buf) - (len(_END) - 1))
-        if len(buf) - 2 > limit:
-            # Over the limit: stop keeping data but read on to the end, so the session stays in
-            # step and the client gets its 552 after the data (RFC 5321 4.2.5).
-            too_big = True
-            size += scan_from
-            del buf[:scan_from]
-            scan_from = 0
+        done = collector.feed(chunk)
+        if done is not None:
+            result, rest = done
+            _push_back(reader, rest)
+            return result
 
 
 def decode_body(raw: bytes, line_endings: Literal["reject", "normalize"] = "reject") -> bytes:

@@ -46,7 +46,7 @@ from filterhost.model import Session
 from filterhost.quarantine import Quarantine
 from filterhost.smtp.address import AddressError, check_mailbox, parse_path
 from filterhost.smtp.auth import Credentials, FailureLimiter
-from filterhost.smtp.data import read_data
+from filterhost.smtp.data import DataCollector, DataResult, read_data
 from filterhost.smtp.handler import (
     INTERNAL_ERROR,
     FhEnvelope,
@@ -74,6 +74,7 @@ JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "EXPN"})
 # A web client or proxy scanner talking to the SMTP port: hang up at once (Postfix does too).
 HTTP_COMMANDS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
 MAX_HANDSHAKE = 60.0
+PARKED_INPUT = 64 * 1024  # bytes of pipelined input kept while a message is processed
 SESSION_HOOKS = ("filterhost_connect", "filterhost_helo", "filterhost_mail", "filterhost_rcpt")
 
 
@@ -262,6 +263,12 @@ class FilterhostSMTP(SMTP):
         """Input the synchronous path has not consumed yet."""
         self._out: list[bytes] = []
         """Replies of the synchronous path, written together (RFC 2920 pipelining)."""
+        self._data: DataCollector | None = None
+        """The message being received by the synchronous path (between 354 and the dot)."""
+        self._data_timer: asyncio.TimerHandle | None = None
+        self._parked = False
+        """The end of a message is being processed: input waits in ``_inbuf``."""
+        self._reading_paused = False
 
     def _from_template(self, template: dict[str, Any]) -> None:
         """What ``SMTP.__init__`` would set, from an instance it set up before.
@@ -384,6 +391,8 @@ class FilterhostSMTP(SMTP):
         front.sessions.discard(self)
         if not front.sessions:
             front.idle.set()
+        if self._data_timer is not None:
+            self._data_timer.cancel()
         if self._handler_coroutine is None:
             # The synchronous path never started aiosmtpd's session task, which its
             # connection_lost expects to cancel.
@@ -403,6 +412,8 @@ class FilterhostSMTP(SMTP):
         the connection stayed counted against the limits for ever. Returning False closes
         the transport here, whatever the task got to do.
         """
+        if self._data is not None and self.fh is not None:
+            log.info("%s: connection lost", self.fh.id)  # in DATA, as the task path says
         if self._handler_coroutine is None:
             asyncio.StreamReaderProtocol.eof_received(self)
         else:
@@ -468,8 +479,18 @@ class FilterhostSMTP(SMTP):
         if not self._fast:
             super().data_received(data)
             return
+        if self._data is not None:
+            self._reset_timeout()
+            self._feed_data(data)
+            return
         self._inbuf += data
-        self._run_fast()
+        if not self._parked:
+            self._run_fast()
+        elif len(self._inbuf) > PARKED_INPUT and not self._reading_paused:
+            # A client pipelining far ahead of a message still being processed: stop reading.
+            assert self.transport is not None
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+            self._reading_paused = True
 
     def _run_fast(self) -> None:
         buf = self._inbuf
@@ -497,6 +518,15 @@ class FilterhostSMTP(SMTP):
                 self._to_coroutine(pos)
                 break
             pos = end + 1
+            if self._data is not None:
+                # DATA accepted (354): what follows the command line is the message.
+                rest = bytes(buf[pos:])
+                buf.clear()
+                pos = 0
+                self._flush()
+                if rest:
+                    self._feed_data(rest)
+                return
             self._after_command()
             transport = self.transport
             if transport is None or transport.is_closing():
@@ -524,6 +554,8 @@ class FilterhostSMTP(SMTP):
         if verb in (b"EHLO", b"HELO") and arg:
             self._fast_greet(arg, esmtp=verb == b"EHLO")
             return True
+        if verb == b"DATA" and arg is None:
+            return self._fast_data()
         if verb == b"QUIT" and arg is None:
             self._out.append(f"{with_status('221 Bye')}\r\n".encode())
             self._flush()
@@ -531,6 +563,65 @@ class FilterhostSMTP(SMTP):
             self.transport.close()
             return True
         return False
+
+    def _fast_data(self) -> bool:
+        """DATA with a sender and recipients: 354, then the message comes to ``_feed_data``."""
+        envelope = self.envelope
+        assert self.session is not None
+        if not self.session.host_name or envelope is None or not envelope.rcpt_tos:
+            return False  # the task path refuses it
+        self._out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self._data = DataCollector(self.limits.max_message_size)
+        # The idle timer restarts with each block; this deadline does not.
+        self._data_timer = self.loop.call_later(
+            float(self.limits.data_timeout), self._data_deadline
+        )
+        return True
+
+    def _data_deadline(self) -> None:
+        if self._data is None:
+            return
+        self._data = None
+        assert self.fh is not None
+        log.info("%s: DATA deadline passed, closing", self.fh.id)
+        self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
+    def _feed_data(self, chunk: bytes) -> None:
+        assert self._data is not None
+        done = self._data.feed(chunk)
+        if done is None:
+            return
+        result, rest = done
+        self._data = None
+        if self._data_timer is not None:
+            self._data_timer.cancel()
+            self._data_timer = None
+        self._inbuf += rest
+        self._parked = True
+        self.busy = True
+        # The end of DATA waits (plugins, the spool's fsync): the one step with a task. As
+        # aiosmtpd's session task would be, it is cancelled if the connection goes.
+        self._handler_coroutine = self.loop.create_task(self._end_of_data(result))
+
+    async def _end_of_data(self, result: DataResult) -> None:
+        try:
+            reply = await self._data_reply(result)
+            self._reply(wire(reply))
+            self._flush()
+            if reply.code == 421 and self.transport is not None:
+                self.transport.close()
+        finally:
+            self.busy = False
+            self._parked = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()  # type: ignore[attr-defined]
+        self._after_command()
+        if not transport.is_closing():
+            self._run_fast()
 
     def _fast_greet(self, hostname: str, *, esmtp: bool) -> None:
         assert self.fh is not None
@@ -1133,26 +1224,30 @@ class FilterhostSMTP(SMTP):
             log.info("%s: DATA deadline passed, closing", self.fh.id)
             self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
             return
+        reply = await self._data_reply(result)
+        await self.push(wire(reply))
+        if reply.code == 421 and self.transport is not None:
+            self.transport.close()
+
+    async def _data_reply(self, result: DataResult) -> Reply:
+        """The end of DATA on either path: the message chain and the spool; the reply."""
+        assert self.fh is not None
         envelope = self.envelope
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         self.messages += 1
         if result.too_big or result.raw is None:
-            reply = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-        else:
-            # The chain and the spool may take longer than the idle timeout: not idle time.
-            if self._timeout_handle is not None:
-                self._timeout_handle.cancel()
-            try:
-                assert isinstance(envelope, FhEnvelope)
-                reply = await self.front.handler.process(self, envelope, result.raw)
-            except Exception:
-                log.exception("%s: internal error at end of DATA", self.fh.id)
-                reply = INTERNAL_ERROR
-            finally:
-                self._reset_timeout()
-        await self.push(wire(reply))
-        if reply.code == 421 and self.transport is not None:
-            self.transport.close()
+            return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        # The chain and the spool may take longer than the idle timeout: not idle time.
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        try:
+            assert isinstance(envelope, FhEnvelope)
+            return await self.front.handler.process(self, envelope, result.raw)
+        except Exception:
+            log.exception("%s: internal error at end of DATA", self.fh.id)
+            return INTERNAL_ERROR
+        finally:
+            self._reset_timeout()
 
 
 def _user_name(raw: bytes) -> str | None:
