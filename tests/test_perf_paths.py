@@ -13,7 +13,13 @@ import pytest
 import filterhost.spool as spool_module
 from filterhost.relay.client import ConnectionPool, _Conn
 from filterhost.relay.queue import share_of
-from filterhost.smtp.data import _BAD_BYTES, check_content, decode_body, has_bare_line_end
+from filterhost.smtp.data import (
+    _BAD_BYTES,
+    DataCollector,
+    check_content,
+    decode_body,
+    has_bare_line_end,
+)
 from filterhost.smtp.server import FilterhostSMTP, Handler, _discoverable_names
 from filterhost.spool import RecipientState, Spool, SpoolEntry, new_queue_id
 from tests.components.services import free_port
@@ -312,3 +318,29 @@ def test_unstuffing_and_line_end_searches_agree_with_the_plain_operations() -> N
         crlf = raw.count(b"\r\n")
         bare = raw.count(b"\r") != crlf or raw.count(b"\n") != crlf
         assert has_bare_line_end(raw) == bare, raw
+
+
+def test_data_collector_finds_the_end_and_the_dot_lines_in_any_chunking() -> None:
+    """One search finds where DATA ends and whether any line starts with a dot."""
+    rng = random.Random(3)
+    for _ in range(5000):
+        body = bytes(rng.choice(b"a.\r\n") for _ in range(rng.randint(0, 12)))
+        stream = body + b"\r\n.\r\n" + bytes(rng.choice(b"a.\r\n") for _ in range(3))
+        virtual = b"\r\n" + stream
+        end = virtual.find(b"\r\n.\r\n")  # the first end marker is the one that counts
+        raw = virtual[2 : end + 2]
+        collector = DataCollector(1000)
+        cuts = sorted(rng.sample(range(1, len(stream)), min(3, len(stream) - 1)))
+        done = None
+        for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            assert done is None, stream  # nothing is fed after the end
+            done = collector.feed(stream[a:b])
+            if done is not None:
+                rest_from = b
+                break
+        assert done is not None, stream
+        result, rest = done
+        assert result.raw == raw, stream
+        assert rest + stream[rest_from:] == virtual[end + 5 :], stream
+        assert result.dot_lines == ((b"\r\n" + raw).find(b"\r\n.") >= 0), stream
+        assert decode_body(raw, dot_lines=result.dot_lines) == decode_body(raw), stream

@@ -39,7 +39,6 @@ _BARE_LF = re.compile(rb"\n(?<!\r\n)")
 # A line that starts with a dot (after the first line): what dot-stuffing changes. re finds
 # this literal in about half the time of bytes.find / bytes.replace.
 _DOT_LINE = re.compile(rb"\r\n\.")
-_END_RE = re.compile(re.escape(_END))
 # For line_endings = "normalize": every line end (CRLF, bare CR, bare LF) becomes CRLF.
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 # RFC 5321 4.5.3.1.6: a line is at most 1000 octets with its CRLF.
@@ -57,6 +56,8 @@ class DataResult:
     raw: bytes | None
     size: int
     too_big: bool = False
+    dot_lines: bool = True
+    """False when no line of ``raw`` starts with a dot (nothing to unstuff)."""
 
 
 def _push_back(reader: asyncio.StreamReader, data: bytes) -> None:
@@ -82,21 +83,34 @@ class DataCollector:
         self._scan_from = 0
         self._size = 0
         self._too_big = False
+        self._dot_lines = False
 
     def feed(self, chunk: bytes) -> tuple[DataResult, bytes] | None:
         """Take ``chunk``; at the end of DATA, the result and the bytes that came after it."""
         buf = self._buf
         buf += chunk
-        found = _END_RE.search(buf, self._scan_from)
-        if found is not None:
-            end = found.start()
+        # One search finds both the end (CRLF "." CRLF) and the lines that start with a dot
+        # (CRLF "." anything else), which tells decode_body whether it has anything to undo.
+        # A match without the two bytes after it yet is looked at again with the next block.
+        end = -1
+        last = len(buf) - len(_END)
+        for found in _DOT_LINE.finditer(buf, self._scan_from):
+            start = found.start()
+            if start > last:
+                break
+            if buf[start + 3 : start + 5] == b"\r\n":
+                end = start
+                break
+            self._dot_lines = True
+        if end >= 0:
             rest = bytes(buf[end + len(_END) :])
             self._size += end
             if self._too_big or end > self.limit:  # the body is buf[2:end + 2]: ``end`` bytes
                 return DataResult(None, self._size, too_big=True), rest
             # One copy out of the buffer (slicing the bytearray first would make two).
             with memoryview(buf) as view:
-                return DataResult(bytes(view[2 : end + 2]), self._size), rest
+                raw = bytes(view[2 : end + 2])
+            return DataResult(raw, self._size, dot_lines=self._dot_lines), rest
         # Keep the last 4 bytes in view: the end marker may straddle two blocks.
         self._scan_from = max(0, len(buf) - (len(_END) - 1))
         if len(buf) - 2 > self.limit:
@@ -129,17 +143,23 @@ async def read_data(
             return result
 
 
-def decode_body(raw: bytes, line_endings: Literal["reject", "normalize"] = "reject") -> bytes:
+def decode_body(
+    raw: bytes, line_endings: Literal["reject", "normalize"] = "reject", *, dot_lines: bool = True
+) -> bytes:
     """The message from DATA as sent: line ends normalised (if asked), then dot-unstuffed.
 
     With ``"normalize"``, bare CR and bare LF become CRLF first, as Postfix 3.9 does, so a line
     is unstuffed however it ended; with ``"reject"`` they stay for :func:`check_content` to
     refuse. The end of DATA was found on the raw bytes before this (only ``CRLF.CRLF``), so
-    normalising never ends a message early.
+    normalising never ends a message early. ``dot_lines=False`` (from :class:`DataCollector`)
+    says no line starts with a dot, so there is nothing to look for.
     """
     if line_endings == "normalize" and has_bare_line_end(raw):
         raw = _LINE_END.sub(b"\r\n", raw)  # only then: most messages need no rewriting
+        dot_lines = True  # a bare CR or LF before a dot was not a line end to the collector
     # Undo dot-stuffing (RFC 5321 4.5.2): one leading dot off every line that has one.
+    if not dot_lines:
+        return raw
     if raw.startswith(b"."):
         raw = raw[1:]
     return raw.replace(b"\r\n.", b"\r\n") if has_dot_line(raw) else raw

@@ -213,11 +213,13 @@ class Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
-    def _content(self, fh: Session, raw: bytes) -> tuple[bytes, Reply | None]:
+    def _content(
+        self, fh: Session, raw: bytes, *, dot_lines: bool = True
+    ) -> tuple[bytes, Reply | None]:
         """The message from the DATA bytes, or the reply that refuses it."""
         server = self.front.config.server
         line_endings: Literal["reject", "normalize"] = server.line_endings
-        content = decode_body(raw, line_endings)
+        content = decode_body(raw, line_endings, dot_lines=dot_lines)
         bad = check_content(content)
         if bad is None and header_size(content) > server.max_header_size:
             bad = Reply(552, "5.3.4", f"Message header exceeds {server.max_header_size} bytes")
@@ -225,11 +227,16 @@ class Handler:
             log.info("%s: refused at end of DATA: %s", fh.id, bad)
         return content, bad
 
-    async def process(self, server: FilterhostSMTP, envelope: FhEnvelope, raw: bytes) -> Reply:
-        """The end of DATA: content checks, the message chain, the spool. Returns the reply."""
+    async def process(
+        self, server: FilterhostSMTP, envelope: FhEnvelope, raw: bytes, *, dot_lines: bool = True
+    ) -> Reply:
+        """The end of DATA: content checks, the message chain, the spool. Returns the reply.
+
+        ``dot_lines=False``: the DATA reader saw no line that starts with a dot.
+        """
         fh = self._fh(server)
         metrics = self.front.hooks.metrics
-        content, bad = self._content(fh, raw)
+        content, bad = self._content(fh, raw, dot_lines=dot_lines)
         if bad is not None:
             if metrics is not None:
                 metrics.refused(bad.status)

@@ -1242,7 +1242,9 @@ class FilterhostSMTP(SMTP):
             self._timeout_handle.cancel()
         try:
             assert isinstance(envelope, FhEnvelope)
-            return await self.front.handler.process(self, envelope, result.raw)
+            return await self.front.handler.process(
+                self, envelope, result.raw, dot_lines=result.dot_lines
+            )
         except Exception:
             log.exception("%s: internal error at end of DATA", self.fh.id)
             return INTERNAL_ERROR
