@@ -49,6 +49,7 @@ from filterhost.journal import DONE, STORE, Journal, fsync_dir, live_messages
 __all__ = [
     "PIDFILE",
     "RESCAN_SIGNAL",
+    "Checked",
     "RecipientState",
     "Spool",
     "SpoolEntry",
@@ -63,6 +64,21 @@ RESCAN_SIGNAL = signal.SIGUSR1
 
 RecipientStatus = Literal["pending", "delivered", "bounced", "discarded"]
 ORPHAN_AGE = 3600.0  # an unlinked .msg this old cannot belong to a transaction still in progress
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """What the front end's checks established about a message's final bytes.
+
+    Its line ends are CRLF only (the content check passed; plugins edit headers only, whose
+    values may not hold CR or LF), and no line starting with a dot begins at or after
+    ``dot_free_from`` (the body had none, and the body is never edited), so sending it needs
+    no normalising and looks for lines to dot-stuff only before that offset.
+    """
+
+    dot_free_from: int
+    """A byte offset into the message: ``len(message)`` when nothing is known."""
+
 
 
 def new_queue_id() -> str:
@@ -211,8 +227,8 @@ class Spool:
         self.journal: Journal | None = None
         """New messages' first home, when enabled (:meth:`use_journal`, before :meth:`open`)."""
         self._journal_entries: dict[str, SpoolEntry] = {}
-        self._checked: set[str] = set()
-        self._loaded_checked: set[str] = set()
+        self._checked: dict[str, Checked] = {}
+        self._loaded_checked: dict[str, Checked] = {}
 
     def use_journal(self, index: int = 0, count: int = 1) -> None:
         """Store new messages in the journal (:mod:`filterhost.journal`) of worker ``index``.
@@ -282,13 +298,15 @@ class Spool:
         self.msg_path(queue_id).unlink(missing_ok=True)
         fsync_dir(self.queue_dir)
 
-    async def store(self, entry: SpoolEntry, data: bytes, *, checked: bool = False) -> None:
+    async def store(
+        self, entry: SpoolEntry, data: bytes, *, checked: Checked | None = None
+    ) -> None:
         """Write a new message durably; when this returns, the client may be told 250.
 
         The runner's first :meth:`load` of it gets ``entry`` itself, unless the entry file
-        changed meanwhile: the caller must not change ``entry`` after this. ``checked`` says
-        that ``data`` has CRLF line ends only (the front end's content check): the runner's
-        first attempt then sends it without checking again (:meth:`checked`).
+        changed meanwhile: the caller must not change ``entry`` after this. ``checked``: what
+        the front end's checks established about ``data``; the runner's first attempt sends
+        it without checking again (:meth:`checked`).
         """
         journal = self.journal
         if journal is not None:
@@ -299,8 +317,8 @@ class Spool:
             written = await self._commit("store", entry.id, entry, data)
         if len(data) <= self.fresh_limit:
             self._fresh[entry.id] = data
-            if checked:
-                self._checked.add(entry.id)
+            if checked is not None:
+                self._checked[entry.id] = checked
             if written is not None:
                 self._fresh_entries[entry.id] = (written, entry)
             self._fresh_bytes += len(data)
@@ -310,7 +328,7 @@ class Spool:
     def _forget(self, queue_id: str) -> bytes | None:
         data = self._fresh.pop(queue_id, None)
         self._fresh_entries.pop(queue_id, None)
-        self._checked.discard(queue_id)
+        self._checked.pop(queue_id, None)
         self._journal_entries.pop(queue_id, None)
         if data is not None:
             self._fresh_bytes -= len(data)
@@ -486,12 +504,9 @@ class Spool:
         """The message bytes of ``queue_id``."""
         return self.msg_path(queue_id).read_bytes()
 
-    def checked(self, queue_id: str) -> bool:
-        """True (once) when the bytes :meth:`load` just gave were stored with ``checked``."""
-        if queue_id in self._loaded_checked:
-            self._loaded_checked.discard(queue_id)
-            return True
-        return False
+    def checked(self, queue_id: str) -> Checked | None:
+        """Once: what ``store`` was told about the bytes :meth:`load` just gave, if anything."""
+        return self._loaded_checked.pop(queue_id, None)
 
     async def load(self, queue_id: str) -> tuple[SpoolEntry, bytes]:
         """Entry and message bytes, read off the event loop (just stored: from memory).
@@ -501,8 +516,9 @@ class Spool:
         used only while its file is still the one :meth:`store` wrote (same inode and
         mtime); otherwise, and for every later load, the entry is read from disk.
         """
-        if queue_id in self._checked:
-            self._loaded_checked.add(queue_id)
+        checked = self._checked.get(queue_id)
+        if checked is not None:
+            self._loaded_checked[queue_id] = checked
         journal = self.journal
         if journal is not None and queue_id in journal:
             kept_entry = self._journal_entry(journal, queue_id)  # before the bytes forget it

@@ -15,7 +15,7 @@ from filterhost.checks import check_configuration
 from filterhost.journal import DONE, STORE, Batch, Journal, live_messages, read_segment
 from filterhost.pluginmanager import Plugins
 from filterhost.reload import restart_needed
-from filterhost.spool import RecipientState, Spool, SpoolEntry, new_queue_id
+from filterhost.spool import Checked, RecipientState, Spool, SpoolEntry, new_queue_id
 from tests.filterhost_fixtures import wait_for, write_conf
 
 
@@ -211,11 +211,11 @@ async def test_bytes_the_front_end_checked_are_marked_for_the_first_attempt_only
 ) -> None:
     spool = _spool(tmp_path)
     checked, unchecked = _entry(), _entry()
-    await spool.store(checked, b"a\r\n", checked=True)
+    await spool.store(checked, b"a\r\n", checked=Checked(3))
     await spool.store(unchecked, b"b\r\n")
     await spool.load(checked.id)
     await spool.load(unchecked.id)
-    assert spool.checked(checked.id)
-    assert not spool.checked(checked.id)  # once
-    assert not spool.checked(unchecked.id)
+    assert spool.checked(checked.id) == Checked(3)
+    assert spool.checked(checked.id) is None  # once
+    assert spool.checked(unchecked.id) is None
     spool.close()

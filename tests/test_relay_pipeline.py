@@ -19,6 +19,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from filterhost.relay.client import ConnectionPool, Delivery, TlsSettings, deliver
 from filterhost.relay.pipeline import wire_message
 from filterhost.relay.resolver import MxHost
+from filterhost.spool import Checked
 
 
 def _aiosmtplib_wire(data: bytes) -> bytes:
@@ -42,7 +43,20 @@ def test_checked_bytes_are_sent_as_the_full_check_would_send_them() -> None:
     lines = [b"", b".", b"..x", b"a.b", b" .", b"text"]
     for _ in range(5_000):
         data = b"\r\n".join(rng.choice(lines) for _ in range(rng.randrange(1, 8))) + b"\r\n"
-        assert wire_message(data, checked=True) == wire_message(data), data
+        assert wire_message(data, checked=Checked(len(data))) == wire_message(data), data
+
+
+def test_only_the_part_before_a_dot_free_body_is_searched_for_dot_lines() -> None:
+    """As the front end marks it: headers (which plugins may edit) and a body with no dot line."""
+    rng = random.Random(13)
+    heads = [b"A: b", b".X: y", b"Received: z", b" folded", b"B: .c"]
+    bodies = [b"", b"text", b"a.b", b" .", b"x"]
+    for _ in range(5_000):
+        head = b"".join(rng.choice(heads) + b"\r\n" for _ in range(rng.randrange(0, 4)))
+        body = b"".join(rng.choice(bodies) + b"\r\n" for _ in range(rng.randrange(0, 4)))
+        data = head + b"\r\n" + body
+        checked = Checked(len(data) - len(body))
+        assert wire_message(data, checked=checked) == wire_message(data), data
 
 
 def test_wire_message_of_a_checked_message_is_one_replace() -> None:

@@ -23,6 +23,7 @@ import aiosmtplib
 
 from filterhost.relay.pipeline import NextHop, Outcome
 from filterhost.relay.resolver import MxHost
+from filterhost.spool import Checked
 from filterhost.verdict import Reply
 
 __all__ = [
@@ -91,8 +92,8 @@ class Delivery:
     data: bytes
     mail_options: Sequence[str] = ()
     rcpt_options: dict[str, list[str]] = field(default_factory=dict)
-    checked: bool = False
-    """``data`` has CRLF line ends only (checked at the front end): sent without a re-check."""
+    checked: Checked | None = None
+    """What the front end's checks established about ``data`` (None: nothing, check it)."""
 
 
 @dataclass(slots=True)

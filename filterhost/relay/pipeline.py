@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from filterhost.smtp.data import has_bare_line_end, has_dot_line
+from filterhost.spool import Checked
 
 __all__ = ["NextHop", "Outcome", "ServerReply", "wire_message"]
 
@@ -43,21 +44,28 @@ class ReplyError(ConnectionError):
     """The next hop sent something that is not an SMTP reply (or far too long a one)."""
 
 
-def wire_message(data: bytes, *, checked: bool = False) -> bytes:
+def wire_message(data: bytes, *, checked: Checked | None = None) -> bytes:
     """The message as DATA sends it: CRLF line ends, dot-stuffed, ending in ``CRLF.CRLF``.
 
-    With ``checked`` (the front end's content check passed, and plugins can only edit headers,
-    whose values may not hold CR or LF: :mod:`filterhost.message`), one ``replace`` in C.
-    Otherwise three scans first, and bytes with a bare CR or LF (a DSN's, say) get every line
-    end turned into CRLF, as aiosmtplib did for every message: never a bare LF or CR that a
-    next hop could take for part of an end of data.
+    With ``checked`` (see :class:`~filterhost.smtp.data.Checked`), the bytes go as they are,
+    after a look for dot lines in the part plugins may have edited. Otherwise a scan for bare
+    line ends first, and bytes with a bare CR or LF (a DSN's, say) get every line end turned
+    into CRLF, as aiosmtplib did for every message: never a bare LF or CR that a next hop
+    could take for part of an end of data.
     """
-    if not checked and has_bare_line_end(data):
-        data = _LINE_END.sub(b"\r\n", data)
+    if checked is None:
+        if has_bare_line_end(data):
+            data = _LINE_END.sub(b"\r\n", data)
+        dotted = has_dot_line(data)
+    else:
+        # A line start at or after dot_free_from has no dot: only the part before it (the
+        # headers, which plugins may have edited) is looked at; +2 so that a CRLF "." that
+        # starts just before the offset is seen whole.
+        dotted = has_dot_line(data, end=checked.dot_free_from + 2)
     tail = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
     # RFC 5321 4.5.2: a line that starts with a dot gets one more.
     head = b"." if data.startswith(b".") else b""
-    if has_dot_line(data):
+    if dotted:
         data = data.replace(b"\r\n.", b"\r\n..")
     return b"".join((head, data, tail))  # one copy of the message, not two
 
@@ -211,7 +219,7 @@ class NextHop:
         recipients: Sequence[tuple[str, Sequence[str]]],
         data: bytes,
         *,
-        checked: bool = False,
+        checked: Checked | None = None,
     ) -> Outcome:
         """MAIL, RCPT for each recipient, DATA, the message: every reply, in order.
 
@@ -238,7 +246,7 @@ class NextHop:
         recipients: Sequence[tuple[str, Sequence[str]]],
         data: bytes,
         *,
-        checked: bool,
+        checked: Checked | None,
     ) -> None:
         write = self._transport.write
         read = self._replies.next

@@ -37,7 +37,7 @@ from filterhost.relay.client import (
 )
 from filterhost.relay.dsn import RecipientReport, build_dsn, should_notify
 from filterhost.relay.resolver import DnsFailure, MxHost, Resolver
-from filterhost.spool import RecipientState, Spool, SpoolEntry, new_queue_id
+from filterhost.spool import Checked, RecipientState, Spool, SpoolEntry, new_queue_id
 from filterhost.verdict import Reply
 
 __all__ = ["QueueRunner", "load_credentials", "retry_delay", "share_of"]
@@ -334,7 +334,9 @@ class QueueRunner:
                 return
             await self._attempt(entry, data, checked=checked)
 
-    async def _attempt(self, entry: SpoolEntry, data: bytes, *, checked: bool = False) -> None:
+    async def _attempt(
+        self, entry: SpoolEntry, data: bytes, *, checked: Checked | None = None
+    ) -> None:
         now = time.time()
         txn = Transaction(
             session=Session(id="queue", client_ip=entry.client_ip or "0.0.0.0", helo=entry.helo),  # noqa: S104
@@ -433,7 +435,12 @@ class QueueRunner:
         return self._without_self(route.domain, hosts, relay.mx_port), relay.mx_port
 
     async def _deliver_hop(
-        self, entry: SpoolEntry, txn: Transaction, hop: _Hop, data: bytes, checked: bool
+        self,
+        entry: SpoolEntry,
+        txn: Transaction,
+        hop: _Hop,
+        data: bytes,
+        checked: Checked | None,
     ) -> None:
         relay = self.config.relay
         try:

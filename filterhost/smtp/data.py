@@ -165,9 +165,10 @@ def decode_body(
     return raw.replace(b"\r\n.", b"\r\n") if has_dot_line(raw) else raw
 
 
-def has_dot_line(data: bytes) -> bool:
-    """True when a line after the first starts with a dot (so stuffing changes ``data``)."""
-    return _DOT_LINE.search(data) is not None
+def has_dot_line(data: bytes, end: int | None = None) -> bool:
+    """True when a line after the first starts with a dot (in ``data[:end]``)."""
+    found = _DOT_LINE.search(data) if end is None else _DOT_LINE.search(data, 0, end)
+    return found is not None
 
 
 def has_bare_line_end(data: bytes) -> bool:

@@ -20,7 +20,7 @@ from filterhost.message import Message
 from filterhost.model import Session, Transaction
 from filterhost.smtp.data import check_content, decode_body, header_size
 from filterhost.smtp.policy import RELAY_DENIED, received_value, recipient_allowed
-from filterhost.spool import RecipientState, SpoolEntry, new_queue_id
+from filterhost.spool import Checked, RecipientState, SpoolEntry, new_queue_id
 from filterhost.verdict import Action, Reply, Verdict
 
 if TYPE_CHECKING:
@@ -237,6 +237,9 @@ class Handler:
         fh = self._fh(server)
         metrics = self.front.hooks.metrics
         content, bad = self._content(fh, raw, dot_lines=dot_lines)
+        # decode_body gave the bytes back as they came: no line of the message starts with a
+        # dot (nothing was unstuffed or rewritten), which the body, never edited, keeps.
+        dot_free_body = content is raw
         if bad is not None:
             if metrics is not None:
                 metrics.refused(bad.status)
@@ -322,8 +325,9 @@ class Handler:
                 verdict.reason,
             )
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-        # Checked: the content check passed, and header edits cannot bring CR or LF in.
-        await self.front.spool.store(entry, data, checked=True)
+        # The content check passed, and header edits cannot bring CR or LF in.
+        body_at = len(data) - len(message.body) if dot_free_body else len(data)
+        await self.front.spool.store(entry, data, checked=Checked(body_at))
         if metrics is not None:
             metrics.message(verdict, queued=True)
         log.info(
