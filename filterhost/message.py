@@ -230,11 +230,16 @@ class Message:
         end = raw.find(b"\r\n\r\n")
         if raw.startswith(_CRLF):
             # No header section at all: the body starts after the empty line.
-            head, self._separator, self._body = b"", _CRLF, raw[2:]
+            head, self._separator, body_at = b"", _CRLF, 2
         elif end < 0:
-            head, self._separator, self._body = raw, b"", b""
+            head, self._separator, body_at = raw, b"", len(raw)
         else:
-            head, self._separator, self._body = raw[: end + 2], _CRLF, raw[end + 4 :]
+            head, self._separator, body_at = raw[: end + 2], _CRLF, end + 4
+        # The body stays in ``raw`` until someone asks for it: a 1 MB message is then copied
+        # once on its way to the spool (as_bytes), not twice.
+        self._raw = raw
+        self._body_at = body_at
+        self._body: bytes | None = None
         self._fields: list[bytes] = self._split_fields(head)
         self.edits: list[HeaderEdit] = []
         """Every header edit made so far, in order."""
@@ -279,12 +284,19 @@ class Message:
     @property
     def body(self) -> bytes:
         """The body bytes, exactly as received."""
+        if self._body is None:
+            self._body = self._raw[self._body_at :]
         return self._body
+
+    @property
+    def body_size(self) -> int:
+        """Size of the body in bytes (without reading it out of the message)."""
+        return len(self._raw) - self._body_at
 
     @property
     def size(self) -> int:
         """Size of the message in bytes, with the current headers."""
-        return sum(map(len, self._fields)) + len(self._separator) + len(self._body)
+        return sum(map(len, self._fields)) + len(self._separator) + len(self._raw) - self._body_at
 
     def parsed(self) -> EmailMessage:
         """The message parsed with :mod:`email` (for MIME parts); parsed once, on first use.
@@ -346,7 +358,8 @@ class Message:
 
     def as_bytes(self) -> bytes:
         """The message as it will be stored and relayed."""
-        return b"".join(self._fields) + self._separator + self._body
+        body = memoryview(self._raw)[self._body_at :]
+        return b"".join([*self._fields, self._separator, body])
 
     # -- editing ---------------------------------------------------------------------------
 

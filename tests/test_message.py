@@ -421,3 +421,16 @@ def test_parsed_is_refreshed_after_an_edit() -> None:
     parts = [p.get_content_type() for p in message.parsed().walk()]
     assert parts[:3] == ["multipart/report", "text/plain", "message/delivery-status"]
     assert parts[-1] == "text/rfc822-headers"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"A: b\r\n\r\nbody\r\n", b"\r\nonly a body\r\n", b"A: b\r\n", b"A: b\r\n\r\n", b""],
+)
+def test_body_size_and_bytes_agree_whatever_the_shape(raw: bytes) -> None:
+    message = Message(raw)
+    assert message.body_size == len(message.body)
+    assert message.as_bytes() == raw
+    message.add_header("X-New", "1")
+    assert message.as_bytes().endswith(message.body)
+    assert message.size == len(message.as_bytes())

@@ -326,7 +326,7 @@ class Handler:
             )
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         # The content check passed, and header edits cannot bring CR or LF in.
-        body_at = len(data) - len(message.body) if dot_free_body else len(data)
+        body_at = len(data) - message.body_size if dot_free_body else len(data)
         await self.front.spool.store(entry, data, checked=Checked(body_at))
         if metrics is not None:
             metrics.message(verdict, queued=True)
