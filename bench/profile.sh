@@ -13,7 +13,9 @@
 #   summary of the top functions) | flamegraph (SVG) | speedscope (JSON),
 #   PROFILE_RATE (100 samples/s), PROFILE_GIL=1 (sample only the thread holding the GIL: Python
 #   CPU work, without threads blocked in fsync or waiting for work), PROFILE_CLAMAV=1 (with the clamav plugin on a test clamd),
-#   WARMUP (200), E2E_TIMEOUT (300 s), BENCH_PROFILES (bench/profiles).
+#   WARMUP (200), E2E_TIMEOUT (300 s), BENCH_PROFILES (bench/profiles),
+#   PROFILE_TOOL=perf (Linux perf instead of py-spy: C and kernel time too, per thread, where
+#   py-spy sees Python frames; writes LABEL-NAME.perf.txt, a report per thread and symbol).
 # Writes BENCH_PROFILES/LABEL-NAME.{txt,svg,json} (+ LABEL-NAME.top.txt for raw).
 # py-spy samples the running process from outside (ptrace: root), so filterhost runs unmodified;
 # the sampling costs some throughput, so rates printed here are not benchmark figures.
@@ -45,7 +47,13 @@ WARMUP=${WARMUP:-200}
 E2E_TIMEOUT=${E2E_TIMEOUT:-300}
 PY=$ROOT/.venv/bin/python
 PYSPY=$ROOT/.venv/bin/py-spy
-[ -x "$PYSPY" ] || { echo "profile: no $PYSPY: make bench-profile installs it" >&2; exit 1; }
+TOOL=${PROFILE_TOOL:-py-spy}
+case "$TOOL" in
+  py-spy) [ -x "$PYSPY" ] || { echo "profile: no $PYSPY: make bench-profile installs it" >&2; exit 1; } ;;
+  perf) command -v perf >/dev/null || { echo "profile: no perf (apt-get install linux-perf)" >&2; exit 1; }
+    EXT=perf.txt ;;
+  *) echo "profile: PROFILE_TOOL is py-spy or perf" >&2; exit 2 ;;
+esac
 if [ -z "${PROFILE_LABEL:-}" ]; then
   PROFILE_LABEL=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo nogit)
   git -C "$ROOT" diff --quiet HEAD 2>/dev/null || PROFILE_LABEL+=+dirty
@@ -81,13 +89,20 @@ write_fh_conf "$WORK/conf.d" "$socket"
 start_fh "$WORK/conf.d" "$WORK/filterhost.log"
 warm_up "$FRONT_PORT" "$WARMUP" || log "warm-up incomplete"
 
-# --subprocesses: worker processes, if filterhost grows them, are profiled too.
-SPY_ARGS=(--pid "$FH_PID" --subprocesses --rate "$RATE" --format "$FORMAT" --output "$OUTFILE")
-[ "${PROFILE_GIL:-0}" = 1 ] && SPY_ARGS+=(--gil)
-"$PYSPY" record "${SPY_ARGS[@]}" > "$WORK/py-spy.log" 2>&1 &
-SPY_PID=$!
-for _ in $(seq 1 100); do grep -q "Sampling process" "$WORK/py-spy.log" && break; sleep 0.05; done
-grep -q "Sampling process" "$WORK/py-spy.log" || { cat "$WORK/py-spy.log" >&2; exit 1; }
+if [ "$TOOL" = perf ]; then
+  # cpu-clock: a VM may have no hardware counters. Every thread of the process is sampled.
+  perf record -F "$RATE" -e cpu-clock -p "$FH_PID" -o "$WORK/perf.data" > "$WORK/py-spy.log" 2>&1 &
+  SPY_PID=$!
+  for _ in $(seq 1 100); do [ -s "$WORK/perf.data" ] && break; sleep 0.05; done
+else
+  # --subprocesses: worker processes, if filterhost grows them, are profiled too.
+  SPY_ARGS=(--pid "$FH_PID" --subprocesses --rate "$RATE" --format "$FORMAT" --output "$OUTFILE")
+  [ "${PROFILE_GIL:-0}" = 1 ] && SPY_ARGS+=(--gil)
+  "$PYSPY" record "${SPY_ARGS[@]}" > "$WORK/py-spy.log" 2>&1 &
+  SPY_PID=$!
+  for _ in $(seq 1 100); do grep -q "Sampling process" "$WORK/py-spy.log" && break; sleep 0.05; done
+  grep -q "Sampling process" "$WORK/py-spy.log" || { cat "$WORK/py-spy.log" >&2; exit 1; }
+fi
 
 base=$("$PY" "$BENCH/benchlib.py" count "$WORK/sink.out")
 t0=$EPOCHREALTIME
@@ -99,16 +114,30 @@ timeout "$E2E_TIMEOUT" smtp-source -s "$SESSIONS" -m "$N" -l "$BYTES" "${SRC_ARG
   || log "not every message reached the sink"
 t1=$EPOCHREALTIME
 
-# SIGINT is py-spy's "stop and write the profile"; give it 30 s to do so.
+# SIGINT is py-spy's (and perf's) "stop and write the profile"; give it 30 s to do so.
 kill -INT "$SPY_PID"
 for _ in $(seq 1 300); do kill -0 "$SPY_PID" 2>/dev/null || break; sleep 0.1; done
 wait "$SPY_PID" 2>/dev/null || true
 SPY_PID=""
-[ -s "$OUTFILE" ] || { echo "profile: py-spy wrote nothing:" >&2; cat "$WORK/py-spy.log" >&2; exit 1; }
+if [ "$TOOL" = perf ]; then
+  {
+    echo "# perf record -F $RATE -e cpu-clock -p <filterhost>: $NAME, $N messages after a warm-up"
+    # (head closes the pipe early: perf's SIGPIPE is not a failure here)
+    perf report -i "$WORK/perf.data" --stdio --sort dso 2>/dev/null | grep "Event count\|Samples" || true
+    echo; echo "## per thread"
+    perf report -i "$WORK/perf.data" --stdio --sort pid 2>/dev/null | grep -v "^[#]" | grep -v "^$" | head -8 || true
+    echo; echo "## per thread and symbol (top 60)"
+    perf report -i "$WORK/perf.data" --stdio --sort pid,sym 2>/dev/null | grep -v "^[#]" | grep -v "^$" | head -60 || true
+  } > "$OUTFILE"
+fi
+[ -s "$OUTFILE" ] || { echo "profile: $TOOL wrote nothing:" >&2; cat "$WORK/py-spy.log" >&2; exit 1; }
 
 log "$NAME: $N messages in $("$PY" -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.2f}")' \
   "$t0" "$t1") s end to end while sampled at $RATE Hz"
-if [ "$FORMAT" = raw ]; then
+if [ "$TOOL" = perf ]; then
+  head -30 "$OUTFILE"
+  log "profile: $OUTFILE"
+elif [ "$FORMAT" = raw ]; then
   "$PY" "$BENCH/benchlib.py" top "$OUTFILE" 40 > "${OUTFILE%.txt}.top.txt"
   head -25 "${OUTFILE%.txt}.top.txt"
   log "profile: $OUTFILE (collapsed stacks: open in https://www.speedscope.app) and ${OUTFILE%.txt}.top.txt"
