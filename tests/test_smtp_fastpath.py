@@ -19,10 +19,13 @@ import pytest
 
 from filterhost import Session, Verdict, hookimpl
 from filterhost.app import App
+from filterhost.checks import check_configuration
+from filterhost.dispatch import HookRunner
+from filterhost.pluginmanager import Plugins
 from filterhost.smtp.server import FilterhostSMTP
 from tests.components.fixtures import Sinks
 from tests.components.services import Dns, free_port
-from tests.filterhost_fixtures import base_config, port_of, running_app
+from tests.filterhost_fixtures import base_config, port_of, running_app, write_conf
 
 MESSAGE = b"From: a@example.test\r\nSubject: paths\r\n\r\n..a stuffed line\r\nbody\r\n.\r\n"
 
@@ -219,5 +222,47 @@ async def test_input_pipelined_behind_a_message_waits_for_its_end(
             writer.write(MESSAGE + b"QUIT\r\n")
             assert b"queued as" in await _reply(reader)
             assert (await _reply(reader)).startswith(b"221")
+        finally:
+            writer.close()
+
+
+class RefuseRecipients:
+    """A session hook that refuses every recipient."""
+
+    @hookimpl
+    def filterhost_rcpt(self, session: Session, recipient: str) -> Verdict | None:
+        return Verdict.reject("5.7.1", "Refused by the new plugin", code=550)
+
+
+async def test_a_session_hook_brought_by_a_reload_applies_to_open_sessions(
+    tmp_path: Path, dns_server: Dns, mx: Any
+) -> None:
+    conf = base_config(tmp_path, free_port(), dns_server, mx.port)
+    async with running_app(tmp_path, conf) as app:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(app))
+        try:
+            await _reply(reader)
+            for line in (
+                b"EHLO client.test",
+                b"MAIL FROM:<a@example.test>",
+                b"RCPT TO:<b@mx.test>",
+            ):
+                writer.write(line + b"\r\n")
+                assert (await _reply(reader)).startswith(b"250")
+            # What a reload does (filterhost.reload.Reloader._switch): new plugins, new hooks.
+            plugins = Plugins()
+            plugins.add("refuse", RefuseRecipients())
+            confdir = write_conf(
+                tmp_path / "reloaded.d",
+                base_config(
+                    tmp_path, port_of(app), dns_server, mx.port, plugins={"order": ["refuse"]}
+                ),
+            )
+            config, plugins, problems = check_configuration(confdir, plugins)
+            assert config is not None, problems
+            app.front.hooks = HookRunner(plugins, config)
+            assert not app.front.session_hooks_idle()
+            writer.write(b"RCPT TO:<c@mx.test>\r\n")
+            assert (await _reply(reader)).startswith(b"550 5.7.1 Refused by the new plugin")
         finally:
             writer.close()

@@ -541,8 +541,13 @@ class FilterhostSMTP(SMTP):
         if self._fast:
             del buf[:pos]
 
-    def _fast_command(self, line: bytes) -> bool:
+    def _fast_command(self, line: bytes) -> bool:  # noqa: PLR0911 - one outcome per verb
         """Answer ``line`` if it is one the synchronous path takes; False: it does not."""
+        if not self.front.session_hooks_idle():
+            # A reload brought a plugin with a session hook: from now on this session runs
+            # its commands through the hooks, as a new one would.
+            self._fast_ok = False
+            return False
         verb, _, arg_bytes = line.partition(b" ")
         verb = verb.upper()
         arg_bytes = arg_bytes.strip(b" ")
