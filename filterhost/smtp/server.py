@@ -467,12 +467,14 @@ class FilterhostSMTP(SMTP):
     # each reply's drain: a dozen coroutine steps and future wake-ups per command, and a task
     # per connection. Most sessions only say EHLO, MAIL, RCPT, DATA and QUIT, and (with no
     # plugin on the session hooks) nothing in EHLO, MAIL or RCPT needs to wait. Those are
-    # answered straight from data_received, replies to a pipelined group written together.
-    # Anything else (DATA, AUTH, STARTTLS, an odd line, a refusal that needs the coroutine
-    # path's handling) goes to the coroutine path with the unread input, byte for byte, so it
-    # sees exactly what it would have seen; that path hands the session back when it is
-    # between commands with nothing buffered. Both paths share the checks (``_check_mail``,
-    # ``_check_rcpt``, the Handler's policy), so they cannot answer differently.
+    # answered straight from data_received, replies to a pipelined group written together;
+    # the message after DATA goes into one buffer (DataCollector), and only its end (plugins,
+    # the spool's fsync) runs in a task, while input behind it waits. Anything else (AUTH,
+    # STARTTLS, a refused DATA, an odd line) goes to the coroutine path with the unread input,
+    # byte for byte, so it sees exactly what it would have seen; that path hands the session
+    # back when it is between commands with nothing buffered. Both paths share the checks
+    # (``_check_mail``, ``_check_rcpt``, the Handler's policy, DataCollector, ``_data_reply``),
+    # so they cannot answer differently.
 
     def data_received(self, data: bytes) -> None:
         """Input: the synchronous path's while it has the session, else aiosmtpd's reader."""
@@ -587,6 +589,7 @@ class FilterhostSMTP(SMTP):
         if self._data is None:
             return
         self._data = None
+        self._fast = False  # nothing more is read as commands: the session is over
         assert self.fh is not None
         log.info("%s: DATA deadline passed, closing", self.fh.id)
         self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
