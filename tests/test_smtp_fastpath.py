@@ -266,3 +266,34 @@ async def test_a_session_hook_brought_by_a_reload_applies_to_open_sessions(
             assert (await _reply(reader)).startswith(b"550 5.7.1 Refused by the new plugin")
         finally:
             writer.close()
+
+
+async def test_a_flood_pipelined_behind_a_message_is_answered_in_order(
+    tmp_path: Path, dns_server: Dns, mx: Any
+) -> None:
+    """More input than the synchronous path keeps while a message is processed (it stops
+    reading until the message is done), with replies twenty times its size: every command is
+    still answered, once and in order."""
+    count = 10_000  # 90 KB of commands, ~1.5 MB of replies
+    conf = base_config(tmp_path, free_port(), dns_server, mx.port)
+    async with running_app(tmp_path, conf) as app:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(app))
+        try:
+            await _reply(reader)
+            writer.write(
+                b"EHLO client.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@mx.test>\r\n"
+            )
+            for _ in range(3):
+                assert (await _reply(reader)).startswith(b"250")
+            writer.write(b"DATA\r\n")
+            assert (await _reply(reader)).startswith(b"354")
+            flood = b"".join(b"EHLO c%05d\r\n" % i for i in range(count))
+            writer.write(MESSAGE + flood + b"QUIT\r\n")
+            assert b"queued as" in await _reply(reader)
+            for i in range(count):
+                reply = await _reply(reader)
+                assert reply.startswith(b"250-"), (i, reply[:60])
+                assert reply.endswith(b"250 HELP\r\n"), (i, reply[-60:])
+            assert (await _reply(reader)).startswith(b"221")
+        finally:
+            writer.close()

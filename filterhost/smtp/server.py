@@ -75,6 +75,7 @@ JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "EXPN"})
 HTTP_COMMANDS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
 MAX_HANDSHAKE = 60.0
 PARKED_INPUT = 64 * 1024  # bytes of pipelined input kept while a message is processed
+FLUSH_REPLIES = 32  # replies of one pipelined batch held before they are written
 SESSION_HOOKS = ("filterhost_connect", "filterhost_helo", "filterhost_mail", "filterhost_rcpt")
 
 
@@ -521,13 +522,7 @@ class FilterhostSMTP(SMTP):
                 break
             pos = end + 1
             if self._data is not None:
-                # DATA accepted (354): what follows the command line is the message.
-                rest = bytes(buf[pos:])
-                buf.clear()
-                pos = 0
-                self._flush()
-                if rest:
-                    self._feed_data(rest)
+                self._begin_message(pos)
                 return
             self._after_command()
             transport = self.transport
@@ -535,6 +530,10 @@ class FilterhostSMTP(SMTP):
                 self._fast = False
                 buf.clear()
                 break
+            if len(self._out) >= FLUSH_REPLIES:
+                # A long pipelined batch: write as it goes, so that a client that does not
+                # read its replies shows (the transport pauses writing) before many pile up.
+                self._flush()
             if self._paused:  # type: ignore[attr-defined]
                 # The client is not reading its replies: let the coroutine path wait for it.
                 self._to_coroutine(pos)
@@ -542,6 +541,14 @@ class FilterhostSMTP(SMTP):
         self._flush()
         if self._fast:
             del buf[:pos]
+
+    def _begin_message(self, pos: int) -> None:
+        """DATA accepted (354 queued): what follows the command line is the message."""
+        rest = bytes(self._inbuf[pos:])
+        self._inbuf.clear()
+        self._flush()
+        if rest:
+            self._feed_data(rest)
 
     def _fast_command(self, line: bytes) -> bool:  # noqa: PLR0911 - one outcome per verb
         """Answer ``line`` if it is one the synchronous path takes; False: it does not."""
