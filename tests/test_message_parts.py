@@ -6,6 +6,10 @@ message's body and parts must never change what is relayed, and never raise on b
 
 from __future__ import annotations
 
+import base64
+import email.parser
+import email.policy
+import random
 from pathlib import Path
 
 import pytest
@@ -180,3 +184,55 @@ def test_a_name_only_in_content_type_is_the_file_name() -> None:
     assert attachment.filename == "only-in-type.EXE"
     assert attachment.disposition is None
     assert message.has_attachment(suffix=".exe")
+
+
+def test_a_single_part_message_reads_the_same_without_the_full_parse() -> None:
+    """Message.parsed() takes the body as the payload when the message is not multipart;
+    every Part property must be what the full parse of the same bytes gives."""
+    rng = random.Random(21)
+    types = [
+        b"",
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Type: text/html; charset=iso-8859-1\r\n",
+        b'Content-Type: application/pdf; name="a.pdf"\r\n',
+        b"Content-Type: image/png; name*=utf-8''%E2%82%AC.png\r\n",
+        b"Content-Type: application/octet-stream\r\n",
+        b"Content-Type: bogus\r\n",
+    ]
+    encodings = [
+        b"",
+        b"Content-Transfer-Encoding: base64\r\n",
+        b"Content-Transfer-Encoding: quoted-printable\r\n",
+        b"Content-Transfer-Encoding: 8bit\r\n",
+        b"Content-Transfer-Encoding: x-unknown\r\n",
+    ]
+    dispositions = [
+        b"",
+        b'Content-Disposition: attachment; filename="setup.exe"\r\n',
+        b"Content-Disposition: inline\r\n",
+        b"Content-Disposition: attachment; filename*=utf-8''r%C3%A9sum%C3%A9.doc\r\n",
+    ]
+    bodies = [
+        b"",
+        b"plain text\r\nsecond line\r\n",
+        base64.encodebytes(b"\x00\x01binary\xff" * 20).replace(b"\n", b"\r\n"),
+        b"caf=C3=A9 =\r\nsoft break\r\n",
+        "naïve € text\r\n".encode(),
+        b"\xff\xfe raw high bytes\r\n\r\n.dot line\r\n",
+        b"bare\nline ends\r\nmixed\r",
+    ]
+    for _ in range(600):
+        head = (
+            b"From: a@example.test\r\nSubject: s\r\n"
+            + rng.choice(types)
+            + rng.choice(encodings)
+            + rng.choice(dispositions)
+        )
+        raw = head + b"\r\n" + rng.choice(bodies)
+        message = Message(raw)
+        full = Part(email.parser.BytesParser(policy=email.policy.default).parsebytes(raw))
+        (part,) = message.parts()
+        for name in ("content_type", "filename", "disposition", "charset", "is_attachment"):
+            assert getattr(part, name) == getattr(full, name), (name, raw)
+        assert part.content() == full.content(), raw
+        assert part.text() == full.text(), raw
