@@ -271,24 +271,28 @@ run_memory() {
   warmup="$WARMUP" work_dir="$WORK"
 log "systems: $SYSTEMS; runs: $RUNS; results -> $OUT; work dir $WORK"
 
-for sys in $SYSTEMS; do
-  start_sink
-  start_system "$sys"
-  [ "$sys" = clamd ] || warm_up "$FRONT" "$WARMUP" || log "warm-up incomplete for $sys"
-  for sc in $SCENARIOS; do
-    IFS=: read -r name a b c <<< "$sc"
-    for run in $(seq 1 "$RUNS"); do
+# Round-robin: run 1 of every system, then run 2 of every system, and so on. This shared
+# machine drifts by a fifth within minutes; measuring each system's runs in the same
+# stretches of time keeps that drift out of the ratios (one system after the other put
+# minutes between Postfix's runs and filterhost's).
+for run in $(seq 1 "$RUNS"); do
+  for sys in $SYSTEMS; do
+    start_sink
+    start_system "$sys"
+    [ "$sys" = clamd ] || warm_up "$FRONT" "$WARMUP" || log "warm-up incomplete for $sys"
+    for sc in $SCENARIOS; do
+      IFS=: read -r name a b c <<< "$sc"
       case "$sys:$name" in
       filterhost:idle) run_memory "$run" idle "$a" ;;
       filterhost:inflight) run_memory "$run" inflight "$a" "$b" ;;
-      *:idle | *:inflight) break ;;   # memory probes are for filterhost only
+      *:idle | *:inflight) ;;   # memory probes are for filterhost only
       clamd:*) run_clamd "$name" "$run" "$a" "$b" "$c" ;;
       *) run_load "$sys" "$name" "$run" "$a" "$b" "$c" ;;
       esac
     done
+    stop_system
+    stop_sink
   done
-  stop_system
-  stop_sink
 done
 
 "$PY" "$BENCH/report.py" "$OUT/env.json" "$JSONL" > "$OUT/RESULTS.md"
