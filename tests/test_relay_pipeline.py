@@ -17,7 +17,7 @@ import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from filterhost.relay.client import ConnectionPool, Delivery, TlsSettings, deliver
-from filterhost.relay.pipeline import wire_message
+from filterhost.relay.pipeline import wire_message, wire_parts
 from filterhost.relay.resolver import MxHost
 from filterhost.spool import Checked
 
@@ -225,3 +225,16 @@ async def test_stopping_closes_a_connection_still_being_set_up() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_the_pieces_written_are_the_message_and_a_clean_one_is_not_copied() -> None:
+    rng = random.Random(17)
+    alphabet = [b"a", b".", b"\r\n", b"\r\n.", b"x\r\n"]
+    for _ in range(5_000):
+        data = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+        for checked in (None, Checked(len(data))):
+            if checked is not None and (b"\r" in data.replace(b"\r\n", b"")):
+                continue
+            assert b"".join(wire_parts(data, checked=checked)) == wire_message(data), data
+    clean = b"Subject: x\r\n\r\nbody\r\n"
+    assert wire_parts(clean, checked=Checked(len(clean)))[0] is clean

@@ -45,13 +45,19 @@ class ReplyError(ConnectionError):
 
 
 def wire_message(data: bytes, *, checked: Checked | None = None) -> bytes:
-    """The message as DATA sends it: CRLF line ends, dot-stuffed, ending in ``CRLF.CRLF``.
+    """The message as DATA sends it, in one piece (see :func:`wire_parts`)."""
+    return b"".join(wire_parts(data, checked=checked))
 
-    With ``checked`` (see :class:`~filterhost.smtp.data.Checked`), the bytes go as they are,
-    after a look for dot lines in the part plugins may have edited. Otherwise a scan for bare
-    line ends first, and bytes with a bare CR or LF (a DSN's, say) get every line end turned
-    into CRLF, as aiosmtplib did for every message: never a bare LF or CR that a next hop
-    could take for part of an end of data.
+
+def wire_parts(data: bytes, *, checked: Checked | None = None) -> list[bytes]:
+    """The message as DATA sends it, as the pieces to write one after the other.
+
+    CRLF line ends, dot-stuffed, ending in ``CRLF.CRLF``; a message that needs no stuffing is
+    not copied. With ``checked`` (see :class:`~filterhost.spool.Checked`), the bytes go as
+    they are, after a look for dot lines in the part plugins may have edited. Otherwise a
+    scan for bare line ends first, and bytes with a bare CR or LF (a DSN's, say) get every
+    line end turned into CRLF, as aiosmtplib did for every message: never a bare LF or CR
+    that a next hop could take for part of an end of data.
     """
     if checked is None:
         if has_bare_line_end(data):
@@ -67,7 +73,7 @@ def wire_message(data: bytes, *, checked: Checked | None = None) -> bytes:
     head = b"." if data.startswith(b".") else b""
     if dotted:
         data = data.replace(b"\r\n.", b"\r\n..")
-    return b"".join((head, data, tail))  # one copy of the message, not two
+    return [head, data, tail] if head else [data, tail]
 
 
 class _Replies(asyncio.Protocol):
@@ -280,7 +286,8 @@ class NextHop:
             # the message; the session is in an unknown state, so it ends here.
             self._transport.close()
             return
-        write(wire_message(data, checked=checked))
+        # writelines: the transport hands the pieces to the kernel as they are (writev).
+        self._transport.writelines(wire_parts(data, checked=checked))
         outcome.final = await read(timeout)
         self.clean = True
 
