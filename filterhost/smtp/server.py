@@ -253,7 +253,8 @@ class FilterhostSMTP(SMTP):
         self.junk = 0
         self.messages = 0
         self.busy = False
-        """True while a command runs (between reading it and replying)."""
+        """True while a command runs (between reading it and replying); on the synchronous
+        path, while the end of a message is processed (input then waits in ``_inbuf``)."""
         self._idle_deadline = 0.0
         """Loop time at which the session is idle for too long (see :meth:`_reset_timeout`)."""
         self._fast = False
@@ -267,8 +268,6 @@ class FilterhostSMTP(SMTP):
         self._data: DataCollector | None = None
         """The message being received by the synchronous path (between 354 and the dot)."""
         self._data_timer: asyncio.TimerHandle | None = None
-        self._parked = False
-        """The end of a message is being processed: input waits in ``_inbuf``."""
         self._reading_paused = False
 
     def _from_template(self, template: dict[str, Any]) -> None:
@@ -373,7 +372,7 @@ class FilterhostSMTP(SMTP):
         self._reset_timeout()
         if self._open():
             self._fast = self._fast_ok = True
-            self._out.append(f"220 {self.hostname} ESMTP filterhost\r\n".encode())
+            self._out.append(self._banner())
             self._flush()
         return True
 
@@ -487,7 +486,7 @@ class FilterhostSMTP(SMTP):
             self._feed_data(data)
             return
         self._inbuf += data
-        if not self._parked:
+        if not self.busy:
             self._run_fast()
         elif len(self._inbuf) > PARKED_INPUT and not self._reading_paused:
             # A client pipelining far ahead of a message still being processed: stop reading.
@@ -612,7 +611,6 @@ class FilterhostSMTP(SMTP):
             self._data_timer.cancel()
             self._data_timer = None
         self._inbuf += rest
-        self._parked = True
         self.busy = True
         # The end of DATA waits (plugins, the spool's fsync): the one step with a task. As
         # aiosmtpd's session task would be, it is cancelled if the connection goes.
@@ -627,7 +625,6 @@ class FilterhostSMTP(SMTP):
                 self.transport.close()
         finally:
             self.busy = False
-            self._parked = False
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -732,10 +729,13 @@ class FilterhostSMTP(SMTP):
             self.errors += 1
         return status
 
-    async def _push_raw(self, *lines: str) -> None:
-        """Send lines as they are: the greeting and HELO/EHLO replies (RFC 2034 exempts them)."""
-        self._writer.write(b"".join(line.encode() + b"\r\n" for line in lines))
+    async def _push_raw(self, data: bytes) -> None:
+        """Send reply lines as they are: the greeting and HELO/EHLO (RFC 2034 exempts them)."""
+        self._writer.write(data)
         await self._writer.drain()
+
+    def _banner(self) -> bytes:
+        return f"220 {self.hostname} ESMTP filterhost\r\n".encode()
 
     async def handle_exception(self, error: Exception) -> str:
         """Turn an error of ours into 451 4.3.0, never aiosmtpd's 500 with the exception text.
@@ -795,7 +795,7 @@ class FilterhostSMTP(SMTP):
             self._say_and_close(wire(reply))
             return
         try:
-            await self._push_raw(f"220 {self.hostname} ESMTP filterhost")
+            await self._push_raw(self._banner())
         except ConnectionError:
             log.info("%s: connection lost before the greeting", fh.id)
             return
@@ -951,8 +951,7 @@ class FilterhostSMTP(SMTP):
             await self.push(refused)
             return
         self.session.host_name = hostname
-        self._writer.write(self._greeting(esmtp=esmtp))
-        await self._writer.drain()
+        await self._push_raw(self._greeting(esmtp=esmtp))
 
     def _greeting(self, *, esmtp: bool) -> bytes:
         """The reply to HELO (one line) or EHLO (the extensions this session may use)."""
