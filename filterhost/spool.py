@@ -80,7 +80,6 @@ class Checked:
     """A byte offset into the message: ``len(message)`` when nothing is known."""
 
 
-
 def new_queue_id() -> str:
     """A queue id: sortable by time (ms), unique across processes, safe as a file name."""
     return f"{time.time_ns() // 1_000_000:011X}{secrets.token_hex(4).upper()}"

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from filterhost.smtp.data import has_bare_line_end, has_dot_line
+from filterhost.smtp.data import crlf_line_ends, has_dot_line
 from filterhost.spool import Checked
 
-__all__ = ["NextHop", "Outcome", "ServerReply", "wire_message"]
+__all__ = ["NextHop", "Outcome", "ServerReply", "wire_parts"]
 
 _MAX_REPLY = 64 * 1024  # bytes of one reply (all its lines); past it the session is broken
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +42,6 @@ class ReplyError(ConnectionError):
     """The next hop sent something that is not an SMTP reply (or far too long a one)."""
 
 
-def wire_message(data: bytes, *, checked: Checked | None = None) -> bytes:
-    """The message as DATA sends it, in one piece (see :func:`wire_parts`)."""
-    return b"".join(wire_parts(data, checked=checked))
-
-
 def wire_parts(data: bytes, *, checked: Checked | None = None) -> list[bytes]:
     """The message as DATA sends it, as the pieces to write one after the other.
 
@@ -60,8 +53,7 @@ def wire_parts(data: bytes, *, checked: Checked | None = None) -> list[bytes]:
     that a next hop could take for part of an end of data.
     """
     if checked is None:
-        if has_bare_line_end(data):
-            data = _LINE_END.sub(b"\r\n", data)
+        data = crlf_line_ends(data)
         dotted = has_dot_line(data)
     else:
         # A line start at or after dot_free_from has no dot: only the part before it (the

@@ -20,6 +20,7 @@ __all__ = [
     "DataCollector",
     "DataResult",
     "check_content",
+    "crlf_line_ends",
     "decode_body",
     "has_bare_line_end",
     "has_dot_line",
@@ -29,11 +30,10 @@ __all__ = [
 
 _END = b"\r\n.\r\n"
 _BLOCK = 256 * 1024
-# A bare CR, a bare LF, or a NUL: anything but CRLF line ends smuggles or corrupts.
-_BAD_BYTES = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
-# The same, one at a time: a pattern that starts with a literal lets re skip ahead to each
-# candidate byte, ~0.5 ms per MB each, where the alternation above steps through every byte
-# (~20 ms per MB) and bytes.count runs ~0.4 ms (one byte) to ~1 ms (CRLF) per MB.
+# A bare CR or a bare LF (anything but CRLF line ends smuggles or corrupts), one pattern each:
+# one that starts with a literal lets re skip ahead to each candidate byte, ~0.5 ms per MB,
+# where an alternation of the two steps through every byte (~20 ms per MB) and bytes.count
+# runs ~0.4 ms (one byte) to ~1 ms (CRLF) per MB.
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _BARE_LF = re.compile(rb"\n(?<!\r\n)")
 # A line that starts with a dot (after the first line): what dot-stuffing changes. re finds
@@ -154,9 +154,11 @@ def decode_body(
     normalising never ends a message early. ``dot_lines=False`` (from :class:`DataCollector`)
     says no line starts with a dot, so there is nothing to look for.
     """
-    if line_endings == "normalize" and has_bare_line_end(raw):
-        raw = _LINE_END.sub(b"\r\n", raw)  # only then: most messages need no rewriting
-        dot_lines = True  # a bare CR or LF before a dot was not a line end to the collector
+    if line_endings == "normalize":
+        normalised = crlf_line_ends(raw)
+        if normalised is not raw:
+            raw = normalised
+            dot_lines = True  # a bare CR or LF before a dot was not a line end to the collector
     # Undo dot-stuffing (RFC 5321 4.5.2): one leading dot off every line that has one.
     if not dot_lines:
         return raw
@@ -169,6 +171,15 @@ def has_dot_line(data: bytes, end: int | None = None) -> bool:
     """True when a line after the first starts with a dot (in ``data[:end]``)."""
     found = _DOT_LINE.search(data) if end is None else _DOT_LINE.search(data, 0, end)
     return found is not None
+
+
+def crlf_line_ends(data: bytes) -> bytes:
+    """``data`` with every line end (CRLF, bare CR, bare LF) as CRLF.
+
+    ``data`` itself when it has CRLF only: the rewrite runs only when needed (most messages
+    need none).
+    """
+    return _LINE_END.sub(b"\r\n", data) if has_bare_line_end(data) else data
 
 
 def has_bare_line_end(data: bytes) -> bool:
