@@ -11,7 +11,9 @@ pipelined, and the session must really be on the path the test means.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,22 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
         lines.append(line)
         if line[3:4] != b"-":
             return b"".join(lines)
+
+
+@contextlib.asynccontextmanager
+async def _transaction(
+    app: App,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A connection that has said EHLO, MAIL and RCPT (each answered 250); closed after."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(app))
+    try:
+        await _reply(reader)
+        for line in (b"EHLO client.test", b"MAIL FROM:<a@example.test>", b"RCPT TO:<b@mx.test>"):
+            writer.write(line + b"\r\n")
+            assert (await _reply(reader)).startswith(b"250")
+        yield reader, writer
+    finally:
+        writer.close()
 
 
 def _groups(pipelined: bool) -> list[list[bytes]]:
@@ -171,32 +189,20 @@ async def test_a_session_needs_a_task_only_at_the_end_of_a_message(
     tmp_path: Path, dns_server: Dns, mx: Any
 ) -> None:
     conf = base_config(tmp_path, free_port(), dns_server, mx.port)
-    async with running_app(tmp_path, conf) as app:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(app))
-        try:
-            await _reply(reader)
-            for line in (
-                b"EHLO client.test",
-                b"MAIL FROM:<a@example.test>",
-                b"RCPT TO:<b@mx.test>",
-            ):
-                writer.write(line + b"\r\n")
-                assert (await _reply(reader)).startswith(b"250")
-            session = _session(app)
-            assert session._handler_coroutine is None
-            writer.write(b"DATA\r\n")
-            assert (await _reply(reader)).startswith(b"354")
-            assert session._handler_coroutine is None  # the message is read without a task
-            writer.write(MESSAGE)
-            assert b"queued as" in await _reply(reader)
-            task = session._handler_coroutine  # the end of DATA: plugins, the spool's fsync
-            assert task is not None
-            await asyncio.wait_for(asyncio.shield(task), 5)
-            writer.write(b"MAIL FROM:<a@example.test>\r\n")
-            assert (await _reply(reader)).startswith(b"250 2.1.0")
-            assert session._handler_coroutine is task  # no new task for MAIL
-        finally:
-            writer.close()
+    async with running_app(tmp_path, conf) as app, _transaction(app) as (reader, writer):
+        session = _session(app)
+        assert session._handler_coroutine is None
+        writer.write(b"DATA\r\n")
+        assert (await _reply(reader)).startswith(b"354")
+        assert session._handler_coroutine is None  # the message is read without a task
+        writer.write(MESSAGE)
+        assert b"queued as" in await _reply(reader)
+        task = session._handler_coroutine  # the end of DATA: plugins, the spool's fsync
+        assert task is not None
+        await asyncio.wait_for(asyncio.shield(task), 5)
+        writer.write(b"MAIL FROM:<a@example.test>\r\n")
+        assert (await _reply(reader)).startswith(b"250 2.1.0")
+        assert session._handler_coroutine is task  # no new task for MAIL
 
 
 async def test_input_pipelined_behind_a_message_waits_for_its_end(
@@ -204,26 +210,16 @@ async def test_input_pipelined_behind_a_message_waits_for_its_end(
 ) -> None:
     """A second whole transaction sent with the first message's dot: answered in order."""
     conf = base_config(tmp_path, free_port(), dns_server, mx.port)
-    async with running_app(tmp_path, conf) as app:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(app))
-        try:
-            await _reply(reader)
-            writer.write(
-                b"EHLO client.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@mx.test>\r\n"
-            )
-            for _ in range(3):
-                assert (await _reply(reader)).startswith(b"250")
-            writer.write(b"DATA\r\n")
-            assert (await _reply(reader)).startswith(b"354")
-            writer.write(MESSAGE + b"MAIL FROM:<c@example.test>\r\nRCPT TO:<d@mx.test>\r\nDATA\r\n")
-            replies = [await _reply(reader) for _ in range(4)]
-            assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"354"], replies
-            assert b"queued as" in replies[0]
-            writer.write(MESSAGE + b"QUIT\r\n")
-            assert b"queued as" in await _reply(reader)
-            assert (await _reply(reader)).startswith(b"221")
-        finally:
-            writer.close()
+    async with running_app(tmp_path, conf) as app, _transaction(app) as (reader, writer):
+        writer.write(b"DATA\r\n")
+        assert (await _reply(reader)).startswith(b"354")
+        writer.write(MESSAGE + b"MAIL FROM:<c@example.test>\r\nRCPT TO:<d@mx.test>\r\nDATA\r\n")
+        replies = [await _reply(reader) for _ in range(4)]
+        assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"354"], replies
+        assert b"queued as" in replies[0]
+        writer.write(MESSAGE + b"QUIT\r\n")
+        assert b"queued as" in await _reply(reader)
+        assert (await _reply(reader)).startswith(b"221")
 
 
 class RefuseRecipients:
@@ -238,34 +234,20 @@ async def test_a_session_hook_brought_by_a_reload_applies_to_open_sessions(
     tmp_path: Path, dns_server: Dns, mx: Any
 ) -> None:
     conf = base_config(tmp_path, free_port(), dns_server, mx.port)
-    async with running_app(tmp_path, conf) as app:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(app))
-        try:
-            await _reply(reader)
-            for line in (
-                b"EHLO client.test",
-                b"MAIL FROM:<a@example.test>",
-                b"RCPT TO:<b@mx.test>",
-            ):
-                writer.write(line + b"\r\n")
-                assert (await _reply(reader)).startswith(b"250")
-            # What a reload does (filterhost.reload.Reloader._switch): new plugins, new hooks.
-            plugins = Plugins()
-            plugins.add("refuse", RefuseRecipients())
-            confdir = write_conf(
-                tmp_path / "reloaded.d",
-                base_config(
-                    tmp_path, port_of(app), dns_server, mx.port, plugins={"order": ["refuse"]}
-                ),
-            )
-            config, plugins, problems = check_configuration(confdir, plugins)
-            assert config is not None, problems
-            app.front.hooks = HookRunner(plugins, config)
-            assert not app.front.session_hooks_idle()
-            writer.write(b"RCPT TO:<c@mx.test>\r\n")
-            assert (await _reply(reader)).startswith(b"550 5.7.1 Refused by the new plugin")
-        finally:
-            writer.close()
+    async with running_app(tmp_path, conf) as app, _transaction(app) as (reader, writer):
+        # What a reload does (filterhost.reload.Reloader._switch): new plugins, new hooks.
+        plugins = Plugins()
+        plugins.add("refuse", RefuseRecipients())
+        confdir = write_conf(
+            tmp_path / "reloaded.d",
+            base_config(tmp_path, port_of(app), dns_server, mx.port, plugins={"order": ["refuse"]}),
+        )
+        config, plugins, problems = check_configuration(confdir, plugins)
+        assert config is not None, problems
+        app.front.hooks = HookRunner(plugins, config)
+        assert not app.front.session_hooks_idle()
+        writer.write(b"RCPT TO:<c@mx.test>\r\n")
+        assert (await _reply(reader)).startswith(b"550 5.7.1 Refused by the new plugin")
 
 
 async def test_a_flood_pipelined_behind_a_message_is_answered_in_order(
@@ -276,24 +258,14 @@ async def test_a_flood_pipelined_behind_a_message_is_answered_in_order(
     still answered, once and in order."""
     count = 10_000  # 90 KB of commands, ~1.5 MB of replies
     conf = base_config(tmp_path, free_port(), dns_server, mx.port)
-    async with running_app(tmp_path, conf) as app:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(app))
-        try:
-            await _reply(reader)
-            writer.write(
-                b"EHLO client.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@mx.test>\r\n"
-            )
-            for _ in range(3):
-                assert (await _reply(reader)).startswith(b"250")
-            writer.write(b"DATA\r\n")
-            assert (await _reply(reader)).startswith(b"354")
-            flood = b"".join(b"EHLO c%05d\r\n" % i for i in range(count))
-            writer.write(MESSAGE + flood + b"QUIT\r\n")
-            assert b"queued as" in await _reply(reader)
-            for i in range(count):
-                reply = await _reply(reader)
-                assert reply.startswith(b"250-"), (i, reply[:60])
-                assert reply.endswith(b"250 HELP\r\n"), (i, reply[-60:])
-            assert (await _reply(reader)).startswith(b"221")
-        finally:
-            writer.close()
+    async with running_app(tmp_path, conf) as app, _transaction(app) as (reader, writer):
+        writer.write(b"DATA\r\n")
+        assert (await _reply(reader)).startswith(b"354")
+        flood = b"".join(b"EHLO c%05d\r\n" % i for i in range(count))
+        writer.write(MESSAGE + flood + b"QUIT\r\n")
+        assert b"queued as" in await _reply(reader)
+        for i in range(count):
+            reply = await _reply(reader)
+            assert reply.startswith(b"250-"), (i, reply[:60])
+            assert reply.endswith(b"250 HELP\r\n"), (i, reply[-60:])
+        assert (await _reply(reader)).startswith(b"221")
