@@ -74,6 +74,8 @@ mode = "smarthost"
 smarthost = "127.0.0.1:$SINK_PORT"
 smarthost_tls_policy = "none"
 EOF
+  # FH_DELIVERY_PROCESS: true or false (the [relay] delivery_process key); unset: the default.
+  [ -z "${FH_DELIVERY_PROCESS:-}" ] || echo "delivery_process = $FH_DELIVERY_PROCESS" >> "$conf/00-bench.toml"
   if [ "$clamd_socket" = chain ]; then
     # headers: the bench client (127.0.0.1) is internal, so filterhost's own Received loses its
     # "from" part, and smtp-source's sender@example.test becomes sender@example.net in the

@@ -7,8 +7,9 @@
 #   SYSTEMS="postfix filterhost" SCENARIOS="5k_s20:2000:20:5000" bench/run.sh
 #
 # Knobs (environment):
-#   SYSTEMS    limit postfix filterhost filterhost_chain filterhost_clamav clamd (positional
-#              arguments also work); filterhost_chain is the shipped default chain minus clamav
+#   SYSTEMS    limit postfix filterhost filterhost_agent filterhost_chain filterhost_clamav clamd
+#              (positional arguments also work); filterhost_agent is filterhost with
+#              [relay] delivery_process = true; filterhost_chain is the shipped default chain minus clamav
 #              (attachments, headers, routing), configured by write_fh_conf in common.sh
 #   SCENARIOS  default: "5k_s$SESS:$N_5K:$SESS:5000 5k_s1:$N_5K_1S:1:5000
 #              1m_s$SESS:$N_1M:$SESS:1000000 idle:$IDLE_SESS inflight:$INFLIGHT:1000000"
@@ -39,7 +40,7 @@ if [ -z "${BENCH_IN_NETNS:-}" ]; then
   exec "$ROOT/scripts/netns-run" bash "$0" "$@"
 fi
 
-SYSTEMS=${*:-${SYSTEMS:-limit postfix filterhost filterhost_chain filterhost_clamav clamd}}
+SYSTEMS=${*:-${SYSTEMS:-limit postfix filterhost filterhost_agent filterhost_chain filterhost_clamav clamd}}
 RUNS=${RUNS:-3}
 SESS=${SESS:-20}
 N_5K=${N_5K:-10000}
@@ -60,9 +61,9 @@ done
 [ -x "$PY" ] || { echo "bench: no $PY: run make venv" >&2; exit 1; }
 for sys in $SYSTEMS; do
   case "$sys" in
-  limit | postfix | filterhost | filterhost_chain | filterhost_clamav | clamd) ;;
+  limit | postfix | filterhost | filterhost_agent | filterhost_chain | filterhost_clamav | clamd) ;;
   *) echo "bench: unknown system '$sys'" \
-       "(limit postfix filterhost filterhost_chain filterhost_clamav clamd)" >&2
+       "(limit postfix filterhost filterhost_agent filterhost_chain filterhost_clamav clamd)" >&2
      exit 2 ;;
   esac
 done
@@ -121,6 +122,13 @@ start_system() {
     rm -rf "$WORK/conf.d" "$WORK/filterhost-spool"
     write_fh_conf "$WORK/conf.d"
     start_fh "$WORK/conf.d" "$OUT/logs/filterhost.log"
+    FRONT=$FRONT_PORT
+    MON_GROUPS+=("server=$FH_PID")
+    ;;
+  filterhost_agent)
+    rm -rf "$WORK/conf.d" "$WORK/filterhost-spool"
+    FH_DELIVERY_PROCESS=true write_fh_conf "$WORK/conf.d"
+    start_fh "$WORK/conf.d" "$OUT/logs/filterhost_agent.log"
     FRONT=$FRONT_PORT
     MON_GROUPS+=("server=$FH_PID")
     ;;
@@ -243,12 +251,14 @@ run_clamd() {
   log "clamd $scen run $run: $(cat "$WORK/clamd.json")"
 }
 
-# run_memory RUN idle SESSIONS | RUN inflight N BYTES: a fresh filterhost (so that earlier loads
-# do not inflate its memory), a short warm-up so that lazily imported code is loaded, the probe.
+# run_memory SYSTEM RUN idle SESSIONS | SYSTEM RUN inflight N BYTES: a fresh filterhost (so that
+# earlier loads do not inflate its memory), a short warm-up so that lazily imported code is
+# loaded, the probe.
 run_memory() {
-  local run=$1 probe=$2 scen rc=0
+  local sys=$1 run=$2 probe=$3 scen rc=0
+  shift
   stop_fh
-  start_system filterhost
+  start_system "$sys"
   warm_up "$FRONT" 20 || log "warm-up incomplete before $probe"
   if [ "$probe" = idle ]; then
     scen="idle_$3"
@@ -260,9 +270,9 @@ run_memory() {
       "$WORK/mem.json" > "$WORK/mem.log" 2>&1 || rc=$?
   fi
   [ "$rc" -eq 0 ] || tail -5 "$WORK/mem.log" >&2
-  "$PY" "$BENCH/benchlib.py" record "$JSONL" kind=memory system=filterhost scenario="$scen" \
+  "$PY" "$BENCH/benchlib.py" record "$JSONL" kind=memory system="$sys" scenario="$scen" \
     run="$run" result=@"$WORK/mem.json" rc="$rc"
-  log "filterhost $scen run $run: rc=$rc"
+  log "$sys $scen run $run: rc=$rc"
 }
 
 "$PY" "$BENCH/benchlib.py" env "$OUT/env.json" "$ROOT" loadavg_before="$LOADAVG_BEFORE" \
@@ -283,8 +293,8 @@ for run in $(seq 1 "$RUNS"); do
     for sc in $SCENARIOS; do
       IFS=: read -r name a b c <<< "$sc"
       case "$sys:$name" in
-      filterhost:idle) run_memory "$run" idle "$a" ;;
-      filterhost:inflight) run_memory "$run" inflight "$a" "$b" ;;
+      filterhost:idle | filterhost_agent:idle) run_memory "$sys" "$run" idle "$a" ;;
+      filterhost:inflight | filterhost_agent:inflight) run_memory "$sys" "$run" inflight "$a" "$b" ;;
       *:idle | *:inflight) ;;   # memory probes are for filterhost only
       clamd:*) run_clamd "$name" "$run" "$a" "$b" "$c" ;;
       *) run_load "$sys" "$name" "$run" "$a" "$b" "$c" ;;

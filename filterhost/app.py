@@ -6,11 +6,13 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 
 from filterhost.config import Config
 from filterhost.dispatch import HookRunner
 from filterhost.metrics import MetricsServer, start_metrics
 from filterhost.pluginmanager import Plugins
+from filterhost.relay.agent import AgentSettings, DeliveryAgent
 from filterhost.relay.queue import QueueRunner
 from filterhost.relay.resolver import Resolver
 from filterhost.reload import Reloader
@@ -33,6 +35,7 @@ class App:
         drain_seconds: float = 30.0,
         worker: int = 0,
         workers: int = 1,
+        agent: tuple[int, socket.socket] | None = None,
     ) -> None:
         self.config = config
         self.plugins = plugins
@@ -45,7 +48,11 @@ class App:
         if config.spool.journal:
             self.spool.use_journal(worker, workers)
         self.resolver = Resolver(config.relay.nameserver_addresses)
-        self.queue = QueueRunner(self.spool, config, self.hooks, self.resolver)
+        delivery_agent = None
+        if config.relay.delivery_process:
+            # ``agent``: one forked before the loop started (workers.serve); else it is spawned.
+            delivery_agent = DeliveryAgent(AgentSettings.of(config), agent)
+        self.queue = QueueRunner(self.spool, config, self.hooks, self.resolver, delivery_agent)
         self.front = FrontEnd(config, self.hooks, self.spool, self._queued)
         if workers > 1:
             # Several processes on the same ports; the queue rescans split by queue id.

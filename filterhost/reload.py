@@ -47,6 +47,7 @@ RESTART_KEYS = (
     ("relay", "concurrency"),
     ("relay", "destination_concurrency"),
     ("relay", "connection_reuse_time"),
+    ("relay", "delivery_process"),  # the agent is started (or not) with the process
     ("metrics", "listen"),
 )
 _RETIRE_LIMIT = 900.0  # seconds: the longest wait before old plugins are shut down

@@ -18,12 +18,12 @@ master. A worker that dies is restarted (at most once a second).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Coroutine
 from types import FrameType
@@ -31,7 +31,9 @@ from typing import Any
 
 from filterhost.app import App
 from filterhost.config import Config
+from filterhost.loops import run_on
 from filterhost.pluginmanager import Plugins
+from filterhost.relay.agent import AgentSettings, fork_agent
 from filterhost.spool import PIDFILE, RESCAN_SIGNAL
 
 __all__ = ["serve"]
@@ -57,18 +59,8 @@ def _tune_gc() -> None:
 
 
 def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` on the event loop ``[server] event_loop`` names.
-
-    uvloop runs the same asyncio code on libuv: fewer Python frames per read, write and timer,
-    which is most of what a relay does per message (bench/PERF-LOG.md, step 7).
-    """
-    if config.server.event_loop == "uvloop":
-        import uvloop  # noqa: PLC0415 - only when asked for
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main)
-        return
-    asyncio.run(main)
+    """Run ``main`` on the event loop ``[server] event_loop`` names."""
+    run_on(config.server.event_loop, main)
 
 
 def serve(config: Config, plugins: Plugins) -> int:
@@ -76,9 +68,16 @@ def serve(config: Config, plugins: Plugins) -> int:
     _tune_gc()  # before fork: the workers inherit the frozen objects (and share their pages)
     workers = config.server.workers
     if workers <= 1:
-        run_loop(config, App(config, plugins).run())
+        run_loop(config, App(config, plugins, agent=_fork_agent(config)).run())
         return 0
     return _Master(config, plugins, workers).run()
+
+
+def _fork_agent(config: Config) -> tuple[int, socket.socket] | None:
+    """The delivery agent, forked while this process has no loop, no thread and no socket yet."""
+    if not config.relay.delivery_process:
+        return None
+    return fork_agent(AgentSettings.of(config))
 
 
 def _worker_main(config: Config, plugins: Plugins, index: int, count: int) -> int:
@@ -87,7 +86,8 @@ def _worker_main(config: Config, plugins: Plugins, index: int, count: int) -> in
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, RESCAN_SIGNAL):
         signal.signal(sig, signal.SIG_DFL)
     try:
-        run_loop(config, App(config, plugins, worker=index, workers=count).run())
+        agent = _fork_agent(config)
+        run_loop(config, App(config, plugins, worker=index, workers=count, agent=agent).run())
     except OSError as exc:
         log.error("worker %d: cannot start: %s", index, exc)
         return 1

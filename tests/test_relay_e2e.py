@@ -76,16 +76,21 @@ def test_message_arrives_at_the_preferred_mx_byte_for_byte(
     assert any("relay=mx1.mx.test[127.0.0.2]" in line for line in story)
 
 
+@pytest.mark.parametrize("delivery_process", [False, True], ids=["in-process", "agent"])
 def test_next_mx_is_tried_when_the_first_refuses_connections(
-    fh: FilterhostFactory, dns_server: Dns, sinks: Sinks, tmp_path: Path
+    fh: FilterhostFactory, dns_server: Dns, sinks: Sinks, tmp_path: Path, delivery_process: bool
 ) -> None:
     mx_port = free_port()
     mx2 = sinks.start("127.0.0.3", mx_port)  # nothing listens on mx1 (127.0.0.2)
-    proc = fh.create(base_config(tmp_path, free_port(), dns_server, mx_port)).start()
+    relay = {"delivery_process": delivery_process}
+    proc = fh.create(base_config(tmp_path, free_port(), dns_server, mx_port, relay=relay)).start()
     with proc.smtp() as client:
         client.sendmail("alice@example.test", ["carol@mx.test"], b"Subject: x\r\n\r\nhi\r\n")
     (got,) = mx2.wait_for_count(1)
     assert got.rcpt_tos == ["carol@mx.test"]
+    # The attempt's own log line (written by the agent when there is one) is in the log.
+    proc.wait_log(rf"relay to mx1\.mx\.test\[127\.0\.0\.2\]:{mx_port} failed, trying the next host")
+    proc.wait_log(r"to=<carol@mx\.test> relay=mx2\.mx\.test\[127\.0\.0\.3\]")
 
 
 def test_implicit_mx_and_recipients_grouped_per_next_hop(

@@ -332,6 +332,10 @@ class RelaySection:
     connection_reuse_time: Duration = field(
         default=Duration(5), metadata=_help("keep an idle connection to a next hop this long")
     )
+    delivery_process: bool = field(
+        default=False,
+        metadata=_help("make delivery attempts in a process of their own (a second core)"),
+    )
     tls_policy: TlsPolicy = field(
         default="may", metadata=_help("STARTTLS for MX delivery: none, may, encrypt or verify")
     )

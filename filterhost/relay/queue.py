@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import ipaddress
 import logging
 import random
 import time
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from filterhost.config import Config
 from filterhost.dispatch import HookRunner
 from filterhost.message import Message
 from filterhost.model import Route, Session, Transaction
+from filterhost.relay.agent import DeliveryAgent
 from filterhost.relay.client import (
     AttemptResult,
     ConnectionPool,
@@ -117,13 +119,26 @@ def _age_ms(queue_id: str, now_ms: float) -> float:
 class QueueRunner:
     """Schedules and runs delivery attempts for the spool, in this process."""
 
-    def __init__(self, spool: Spool, config: Config, hooks: HookRunner, resolver: Resolver) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        config: Config,
+        hooks: HookRunner,
+        resolver: Resolver,
+        agent: DeliveryAgent | None = None,
+    ) -> None:
         relay = config.relay
         self.spool = spool
         self.config = config
         self.hooks = hooks
         self.resolver = resolver
         self.pool = ConnectionPool(relay.connection_reuse_time)
+        """Connections kept for attempts made in this process (no ``agent``)."""
+        self.agent = agent
+        """The delivery agent that makes the attempts (``[relay] delivery_process``), if any."""
+        self._deliver: Callable[..., Awaitable[AttemptResult]] = (
+            agent.deliver if agent is not None else functools.partial(deliver, pool=self.pool)
+        )
         self.credentials = load_credentials(relay.smarthost_auth_file)
         self._hops = _Limiter(relay.destination_concurrency)
         self._heap: list[tuple[float, str]] = []
@@ -157,6 +172,8 @@ class QueueRunner:
         orphans = self.spool.remove_orphans()
         for queue_id in orphans:
             log.warning("%s: removed an incomplete spool file (never acknowledged)", queue_id)
+        if self.agent is not None:
+            self.agent.start()
         count = self.rescan()
         log.info("queue runner started: %d message(s) in the queue", count)
         self._loop_task = asyncio.create_task(self._run(), name="queue-runner")
@@ -266,6 +283,8 @@ class QueueRunner:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.close()
+        if self.agent is not None:
+            await self.agent.close()
 
     async def _run(self) -> None:
         while True:
@@ -465,13 +484,12 @@ class QueueRunner:
                 checked=checked,
             )
             async with self._hops.slot(hop.route.next_hop):
-                result = await deliver(
+                result = await self._deliver(
                     hosts,
                     delivery,
                     port=port,
                     helo=self.config.hostname,
                     tls=self._tls_for(hop.route),
-                    pool=self.pool,
                     credentials=self.credentials if hop.route.kind == "smarthost" else None,
                     connect_timeout=relay.connect_timeout,
                     timeout=relay.smtp_timeout,
