@@ -2,9 +2,9 @@
 
 The queue runner decides (routes, retries, bounces, the spool's records); the agent only talks
 SMTP to next hops and keeps their connections, as Postfix's qmgr hands attempts to smtp(8). It
-takes the relay's sends and reads off the front end's event loop: with one Python process the
-two shared one core, and each step of a delivery delayed the next reply some session waited
-for (bench/PERF-LOG.md, step 21).
+takes the relay's sends and reads off the front end's event loop, which otherwise shares its
+core with them. Off by default: on the 2-core bench machine it gained 4-17% msg/s for ~13 MiB
+more memory (bench/PERF-LOG.md, step 21).
 
 The agent is a child of the filterhost process that uses it. It is forked before the event loop
 starts (its pages shared with the parent until either writes them) or, when that is not
@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from filterhost.config import Config
+from filterhost.logs import JsonFormatter, setup_logging
+from filterhost.loops import run_on
 from filterhost.relay.client import (
     AttemptResult,
     ConnectionPool,
@@ -42,6 +44,7 @@ from filterhost.relay.client import (
     deliver,
 )
 from filterhost.relay.resolver import MxHost
+from filterhost.spool import Checked
 from filterhost.verdict import Reply
 
 __all__ = ["AgentSettings", "DeliveryAgent", "fork_agent"]
@@ -67,8 +70,6 @@ class AgentSettings:
     @classmethod
     def of(cls, config: Config) -> AgentSettings:
         """The settings for ``config``, logging as this process logs now."""
-        from filterhost.logs import JsonFormatter  # noqa: PLC0415 - the agent imports it itself
-
         root = logging.getLogger()
         json = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
         return cls(
@@ -476,8 +477,6 @@ class _Agent(asyncio.BufferedProtocol):
             self.done.set_result(None)
 
     async def _attempt(self, header: tuple[Any, ...], data: bytes) -> None:
-        from filterhost.spool import Checked  # noqa: PLC0415 - loaded already via client
-
         (_, req_id, hosts, sender, recipients, mail_options, rcpt_options, dot_free_from, port,
          helo, tls, credentials, connect_timeout, timeout) = header  # fmt: skip
         try:
@@ -530,15 +529,11 @@ async def _serve(sock: socket.socket, settings: AgentSettings) -> None:
 
 def agent_main(sock: socket.socket, settings: AgentSettings) -> int:
     """The agent process's body: serve attempts until the parent closes the socket."""
-    from filterhost.logs import setup_logging  # noqa: PLC0415 - the agent's own handler
-
     setup_logging(logging.getLevelName(settings.log_level), settings.log_format)  # type: ignore[arg-type]
     # The parent decides when to stop (it closes the socket): a Ctrl-C or a TERM to the whole
     # process group must not end attempts the parent is about to record.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-    from filterhost.loops import run_on  # noqa: PLC0415
-
     run_on(settings.event_loop, _serve(sock, settings))
     return 0
 
