@@ -386,7 +386,11 @@ class QueueRunner:
                 continue
             hop = hops.setdefault(route.next_hop, _Hop(route, []))
             hop.recipients.append(rcpt)
-        if hops:
+        if len(hops) == 1:
+            # One next hop (the common case): no gather, whose task per hop costs a loop turn.
+            (hop,) = hops.values()
+            await self._deliver_hop(entry, txn, hop, data, checked)
+        elif hops:
             await asyncio.gather(
                 *(self._deliver_hop(entry, txn, hop, data, checked) for hop in hops.values())
             )
