@@ -184,6 +184,13 @@ class _LiveState(Collector):
             records.add_metric(["journal"], journal.batched)
         yield commits
         yield records
+        agent = self.app.queue.agent
+        if agent is not None:  # [relay] delivery_process
+            yield CounterMetricFamily(
+                "filterhost_delivery_agent_starts",
+                "Delivery agent processes started (more than one: an agent died and was replaced)",
+                value=agent.starts,
+            )
 
 
 def _probe_spool(directory: Path) -> str | None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -306,6 +308,26 @@ async def test_health_fails_when_the_spool_is_not_writable_or_the_runner_is_stuc
         status, body = await _http(http, "/health")
         assert status == 503
         assert "queue runner stuck" in body
+
+
+async def test_a_replaced_delivery_agent_is_counted(tmp_path: Path, dns_server: Dns) -> None:
+    metrics = {"listen": f"127.0.0.1:{free_port()}"}
+    relay = {"delivery_process": True}
+    conf = base_config(tmp_path, free_port(), dns_server, free_port(), metrics=metrics, relay=relay)
+    async with running_app(tmp_path, conf) as app:
+        assert app.metrics_server is not None
+        agent = app.queue.agent
+        assert agent is not None
+        starts = "filterhost_delivery_agent_starts_total"
+        text = (await _http(app.metrics_server.port, "/metrics"))[1]
+        assert _sample(text, starts) == 1
+        first = agent.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await wait_for(lambda: agent.starts == 2 and agent.pid not in (None, first))
+        text = (await _http(app.metrics_server.port, "/metrics"))[1]
+        assert _sample(text, starts) == 2
+        assert (await _http(app.metrics_server.port, "/health"))[0] == 200
 
 
 def test_parse_event_reads_back_fields() -> None:
