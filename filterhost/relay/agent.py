@@ -52,6 +52,7 @@ __all__ = ["AgentSettings", "DeliveryAgent", "fork_agent"]
 log = logging.getLogger("filterhost.relay")
 _FRAME = struct.Struct("!II")  # header length, data length
 _RESTART_DELAY = 1.0  # seconds between starts of an agent that keeps dying
+_WAIT_FOR_AGENT = 10.0  # seconds an attempt waits for an agent being started before deferring
 _STOP_TIMEOUT = 15.0  # seconds for the agent to QUIT its connections and exit
 _CHUNK = 64 * 1024  # bytes read at a time outside a message's data
 _SOCKET_BUFFER = 4 * 1024 * 1024
@@ -265,7 +266,8 @@ class DeliveryAgent:
         self._pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._link: _Link | None = None
-        self._ready: asyncio.Future[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()  # set while an agent is connected
         self._pending: dict[int, tuple[asyncio.Future[AttemptResult], Sequence[str]]] = {}
         self._next_id = 0
         self._started = 0.0
@@ -290,7 +292,7 @@ class DeliveryAgent:
         self._pid = pid
         self._started = time.monotonic()
         self.starts += 1
-        self._ready = loop.create_task(self._connect(sock), name="delivery-agent-link")
+        self._connecting = loop.create_task(self._connect(sock), name="delivery-agent-link")
 
     def _spawn(self) -> tuple[int, socket.socket]:
         ours, theirs = _socketpair()
@@ -320,8 +322,14 @@ class DeliveryAgent:
 
     async def _connect(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        _, link = await loop.create_unix_connection(lambda: _Link(self), sock=sock)
+        try:
+            _, link = await loop.create_unix_connection(lambda: _Link(self), sock=sock)
+        except OSError as exc:
+            sock.close()  # the agent sees its socket end and exits; _lost is not called
+            log.error("delivery agent: cannot talk to it: %s", exc)
+            return
         self._link = link
+        self._up.set()
 
     async def deliver(
         self,
@@ -336,9 +344,13 @@ class DeliveryAgent:
         timeout: float = 300.0,
     ) -> AttemptResult:
         """Have the agent deliver ``delivery``; every recipient gets a reply, as in ``deliver``."""
-        if self._ready is None:
+        if not self.starts:
             raise RuntimeError("the delivery agent was not started")
-        await asyncio.shield(self._ready)
+        if not self._up.is_set() and not self._closing:
+            # Starting, or being replaced: a new agent is up within a second or so, and an
+            # attempt deferred now would wait for the retry schedule (minutes) instead.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._up.wait(), _WAIT_FOR_AGENT)
         link = self._link
         if link is None or link.transport is None or link.transport.is_closing():
             return _agent_failed(delivery.recipients, "the delivery agent is not running")
@@ -372,6 +384,7 @@ class DeliveryAgent:
         if link is not self._link:
             return
         self._link = None
+        self._up.clear()
         pending, self._pending = self._pending, {}
         for future, recipients in pending.values():
             if not future.done():
@@ -395,9 +408,8 @@ class DeliveryAgent:
     async def close(self) -> None:
         """Stop the agent: its attempts are cancelled, its connections QUIT; waits for its exit."""
         self._closing = True
-        if self._ready is not None:
-            with contextlib.suppress(Exception):
-                await self._ready
+        if self._connecting is not None:
+            await self._connecting
         pid, proc = self._pid, self._proc
         self._pid, self._proc = None, None  # reaped here, not by _lost
         link = self._link
