@@ -61,9 +61,21 @@ def test_records_read_back_and_a_torn_or_damaged_tail_ends_the_reading(tmp_path:
     assert set(live_messages(tmp_path)) == {"ID2"}
     # A listing does not read the message bytes, a recovery checks them.
     assert [r.queue_id for r in read_segment(segment, verify=False)] == ["ID1", "ID2", "ID1"]
-    # A crash in the middle of a write leaves a torn record: it was never acknowledged.
-    segment.write_bytes(blob + blob[:20])
+    # Zeros follow the records (written ahead, so that the next batches need not grow the
+    # file); reading stops there.
+    end = records[-1].offset + records[-1].length
+    assert len(blob) > end
+    assert blob[end:] == bytes(len(blob) - end)
+    # A crash in the middle of a write leaves a torn record in those zeros: it was never
+    # acknowledged, and neither a recovery nor a listing (which checks the last record) sees it.
+    torn = blob[:end] + blob[:30] + bytes(len(blob) - end - 30)
+    segment.write_bytes(torn)
     assert len(list(read_segment(segment))) == 3
+    assert [r.queue_id for r in read_segment(segment, verify=False)] == ["ID1", "ID2", "ID1"]
+    # Without zeros after it (the file ends inside the torn record), too.
+    segment.write_bytes(blob[:end] + blob[:30])
+    assert len(list(read_segment(segment))) == 3
+    assert len(list(read_segment(segment, verify=False))) == 3
     # A flipped byte inside a record: reading stops before it.
     damaged = bytearray(blob)
     damaged[records[1].offset] ^= 0xFF
