@@ -325,8 +325,9 @@ class DeliveryAgent:
         try:
             _, link = await loop.create_unix_connection(lambda: _Link(self), sock=sock)
         except OSError as exc:
-            sock.close()  # the agent sees its socket end and exits; _lost is not called
+            sock.close()  # the agent sees its socket end and exits
             log.error("delivery agent: cannot talk to it: %s", exc)
+            self._replace()
             return
         self._link = link
         self._up.set()
@@ -389,6 +390,10 @@ class DeliveryAgent:
         for future, recipients in pending.values():
             if not future.done():
                 future.set_result(_agent_failed(recipients, "the delivery agent exited"))
+        self._replace()
+
+    def _replace(self) -> None:
+        """Reap the agent that is gone and start another (unless closing)."""
         pid, proc = self._pid, self._proc
         self._pid, self._proc = None, None
         if pid is not None:
