@@ -52,9 +52,18 @@ lint: venv
 	$(VENV)/bin/mypy
 
 # pytest exits 5 when it collected nothing: that fails too, the suite must run tests.
+# The relay's tests run a second time through the delivery agent ([relay] delivery_process),
+# so that the opt-in path is proven against the same TLS, AUTH, DSN and crash cases.
+AGENT_TESTS = tests/test_relay_e2e.py tests/test_outbound_tls.py tests/test_bounces.py \
+	tests/test_crash_recovery.py tests/test_queue_cli.py tests/test_routing_plugin.py
+
 test: venv testdeps lint
 	rc=0; scripts/netns-run $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ "$$rc" -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	if [ "$$rc" -eq 0 ] && [ -z "$(PYTEST_ARGS)" ]; then \
+	  FILTERHOST_TEST_DELIVERY_PROCESS=1 scripts/netns-run $(VENV)/bin/python -m pytest -q \
+	    $(AGENT_TESTS) || rc=$$?; \
+	fi; \
 	exit "$$rc"
 
 # smtp-source, smtp-sink and postfix come from the postfix package, clamd from clamav-daemon:
