@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -231,3 +234,34 @@ async def test_bytes_the_front_end_checked_are_marked_for_the_first_attempt_only
     assert spool.checked(checked.id) is None  # once
     assert spool.checked(unchecked.id) is None
     spool.close()
+
+
+_NEARLY_FULL = """
+import json, resource, signal, sys
+from pathlib import Path
+from filterhost.journal import STORE, Batch, Journal, read_segment
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+journal = Journal(Path(sys.argv[1]))
+batch = Batch()
+journal.add(batch, STORE, "ID1", b"{}", b"x" * 5000)
+journal.write(batch)
+journal.close()
+(segment,) = journal.segments()
+print(json.dumps({"ids": [r.queue_id for r in read_segment(segment)],
+                  "size": segment.stat().st_size}))
+"""
+
+
+def test_a_disk_without_room_for_the_zeros_still_takes_the_records(tmp_path: Path) -> None:
+    # Files may not grow past the record's own end (RLIMIT_FSIZE: EFBIG, as a full disk's
+    # ENOSPC): the zeros after it cannot be written, the record can, and is durable.
+    record = 14 + len("ID1") + len("{}") + 5000
+    done = subprocess.run(
+        [sys.executable, "-c", _NEARLY_FULL, str(tmp_path), str(record)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(done.stdout)
+    assert result == {"ids": ["ID1"], "size": record}
