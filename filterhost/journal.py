@@ -437,7 +437,7 @@ class Journal:
                     # is not worth its size in zeros.
                     self._prepared = end
                     if end - start < _PREPARE:
-                        self._prepared += self._zeros_after(end)
+                        self._prepared += _zeros_after(self._fd, end)
                 os.fdatasync(self._fd)
                 self._end = end
             except OSError:
@@ -451,16 +451,6 @@ class Journal:
         for old in batch.retired:
             with contextlib.suppress(FileNotFoundError):
                 old.path.unlink()
-
-    def _zeros_after(self, end: int) -> int:
-        """Write zeros after ``end``; how many (none when the disk has no room for them)."""
-        try:
-            return os.pwrite(self._fd, _ZEROS, end) if self._fd is not None else 0
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise
-            # A nearly full disk must not refuse mail the zeros were only to speed up.
-            return 0
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -502,6 +492,17 @@ class _Pending:
     future: asyncio.Future[None] | None
     """None: nobody waits (:meth:`Journal.done_later`)."""
     released: bool = False
+
+
+def _zeros_after(fd: int, end: int) -> int:
+    """Write zeros after ``end``; how many (none when the disk has no room for them)."""
+    try:
+        return os.pwrite(fd, _ZEROS, end)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # A nearly full disk must not refuse mail the zeros were only to speed up.
+        return 0
 
 
 def _write_all(fd: int, buffers: list[bytes], offset: int) -> int:

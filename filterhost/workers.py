@@ -25,9 +25,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Coroutine
 from types import FrameType
-from typing import Any
 
 from filterhost.app import App
 from filterhost.config import Config
@@ -58,17 +56,12 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
-def run_loop(config: Config, main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` on the event loop ``[server] event_loop`` names."""
-    run_on(config.server.event_loop, main)
-
-
 def serve(config: Config, plugins: Plugins) -> int:
     """Serve until SIGTERM; returns the exit status. Raises OSError when a listener fails."""
     _tune_gc()  # before fork: the workers inherit the frozen objects (and share their pages)
     workers = config.server.workers
     if workers <= 1:
-        run_loop(config, App(config, plugins, agent=_fork_agent(config)).run())
+        run_on(config.server.event_loop, App(config, plugins, agent=_fork_agent(config)).run())
         return 0
     return _Master(config, plugins, workers).run()
 
@@ -87,7 +80,8 @@ def _worker_main(config: Config, plugins: Plugins, index: int, count: int) -> in
         signal.signal(sig, signal.SIG_DFL)
     try:
         agent = _fork_agent(config)
-        run_loop(config, App(config, plugins, worker=index, workers=count, agent=agent).run())
+        app = App(config, plugins, worker=index, workers=count, agent=agent)
+        run_on(config.server.event_loop, app.run())
     except OSError as exc:
         log.error("worker %d: cannot start: %s", index, exc)
         return 1
