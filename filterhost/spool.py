@@ -136,7 +136,7 @@ class SpoolEntry:
         raw["recipients"] = [
             {name: getattr(r, name) for name in _RCPT_FIELDS} for r in self.recipients
         ]
-        return json.dumps(raw, separators=(",", ":")).encode()
+        return _ENCODE(raw).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> SpoolEntry:
@@ -157,6 +157,8 @@ class SpoolEntry:
         return min(times) if times else None
 
 
+# One encoder for every entry: json.dumps with separators builds a new JSONEncoder per call.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 _ENTRY_FIELDS = tuple(f.name for f in fields(SpoolEntry))
 _RCPT_FIELDS = tuple(f.name for f in fields(RecipientState))
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 __all__ = ["Action", "InvalidVerdictError", "Reply", "Verdict"]
 
 _STATUS_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+_LINE_BREAK = re.compile("[\r\n\0]")
 
 
 class InvalidVerdictError(ValueError):
@@ -62,11 +63,11 @@ class Reply:
             raise InvalidVerdictError(
                 f"enhanced status {self.status!r} is not of the form 'X.Y.Z' (RFC 3463)"
             )
-        if self.status[0] != str(self.code)[0]:
+        if ord(self.status[0]) - 48 != self.code // 100:
             raise InvalidVerdictError(
                 f"enhanced status {self.status} does not match reply code {self.code}"
             )
-        if any(c in self.text for c in "\r\n\0"):
+        if _LINE_BREAK.search(self.text):
             raise InvalidVerdictError("reply text must be a single line")
 
     def __str__(self) -> str:

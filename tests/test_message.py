@@ -7,11 +7,13 @@ independently of filterhost, so every edit can be checked against the original b
 
 from __future__ import annotations
 
+import random
+import re
 from pathlib import Path
 
 import pytest
 
-from filterhost.message import HeaderEdit, Message
+from filterhost.message import HeaderEdit, Message, _fold
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 CORPUS_FILES = sorted(CORPUS.glob("*.eml"))
@@ -335,6 +337,33 @@ def test_long_ascii_values_are_folded_below_the_line_limit() -> None:
     message.add_header("X-Long", value)
     assert all(len(line) <= 998 for line in message.as_bytes().split(b"\r\n"))
     assert message.get("X-Long") == value
+
+
+def _greedy_fold(line: str) -> list[str]:
+    """The folding rule, word by word: a line takes words while it stays within 78."""
+    out: list[str] = []
+    current = ""
+    for word in re.split(r"(?=[ \t])", line):
+        if current and len(current) + len(word) > 78:
+            out.append(current)
+            current = word
+        else:
+            current += word
+    return [*out, current]
+
+
+def test_folding_cuts_where_the_word_by_word_rule_does() -> None:
+    # Random values of every shape: short words, runs of blanks, tabs, words longer than a
+    # line, a leading blank. The fold must cut exactly where filling lines word by word does.
+    rnd = random.Random(5322)
+    for _ in range(3000):
+        blank = rnd.choice([0.002, 0.02, 0.1, 0.4])
+        value = "".join(
+            rnd.choice(" \t") if rnd.random() < blank else rnd.choice("abc<>@.;")
+            for _ in range(rnd.randint(0, 900))
+        )
+        line = f"X-Test: {value}"
+        assert _fold(line).split("\r\n") == _greedy_fold(line), line
 
 
 @pytest.mark.parametrize(

@@ -138,6 +138,7 @@ _SHARED = {
     "_authenticator",
     "listener",
     "limits",
+    "_smtp_names",  # a tuple of command names
 }
 
 
@@ -153,6 +154,9 @@ async def test_a_session_from_the_template_shares_no_state(tmp_path: Path) -> No
         full = front.protocol(listener)  # aiosmtpd's __init__; becomes the template
         assert front.smtp_templates
         one, two = front.protocol(listener), front.protocol(listener)
+    assert one._bound_smtp is None  # bound on first use: the synchronous path never asks
+    assert one._smtp_methods
+    assert two._smtp_methods
     assert vars(one).keys() == vars(full).keys()
     for name, value in vars(full).items():
         copied = vars(one)[name]
