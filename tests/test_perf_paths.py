@@ -13,7 +13,7 @@ import pytest
 
 import filterhost.spool as spool_module
 from filterhost.relay.client import ConnectionPool, _Conn
-from filterhost.relay.queue import share_of
+from filterhost.relay.queue import _Limiter, share_of
 from filterhost.smtp.data import (
     DataCollector,
     check_content,
@@ -210,6 +210,36 @@ async def test_expire_never_puts_back_a_connection_in_use() -> None:
     await expiring
     # The fresh connection is in use: the pool must not hand it out a second time.
     assert await pool.take(key) is None
+
+
+async def test_the_per_hop_limit_holds_waits_and_forgets_idle_hops() -> None:
+    limiter = _Limiter(2)
+    inside: list[int] = []
+    gate = asyncio.Event()
+
+    async def deliver(key: str) -> None:
+        await limiter.acquire(key)
+        try:
+            inside.append(1)
+            peak.append(len(inside))
+            await gate.wait()
+            inside.pop()
+        finally:
+            limiter.release(key)
+
+    peak: list[int] = []
+    tasks = [asyncio.create_task(deliver("a")) for _ in range(5)]
+    other = asyncio.create_task(deliver("b"))  # another hop is not held up by "a"
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(inside) == 3  # two for "a", one for "b"
+    waiting = tasks[-1]
+    waiting.cancel()  # a delivery cancelled while it waits for a slot
+    gate.set()
+    await asyncio.gather(*tasks[:-1], other)
+    assert waiting.cancelled()
+    assert max(peak) == 3
+    assert limiter._sems == {}  # nobody holds or waits: the hops are forgotten
 
 
 async def test_the_first_load_of_a_message_just_stored_comes_from_memory(tmp_path: Path) -> None:

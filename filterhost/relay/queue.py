@@ -20,7 +20,7 @@ import logging
 import random
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,26 +83,44 @@ class _Hop:
 
 
 class _Limiter:
-    """One semaphore per next hop, dropped when nobody uses it."""
+    """One semaphore per next hop, dropped when nobody uses it.
+
+    Plain ``acquire``/``release`` rather than an async context manager: the generator-based
+    one cost ~1% of a relayed 5 KB message's CPU.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._sems: dict[str, tuple[asyncio.Semaphore, int]] = {}
+        self._sems: dict[str, _Slots] = {}
 
-    @contextlib.asynccontextmanager
-    async def slot(self, key: str) -> AsyncIterator[None]:
-        """Hold one of ``key``'s slots for the duration of the ``async with``."""
-        sem, users = self._sems.get(key, (asyncio.Semaphore(self.size), 0))
-        self._sems[key] = (sem, users + 1)
+    async def acquire(self, key: str) -> None:
+        """Take one of ``key``'s slots (wait for one); give it back with :meth:`release`."""
+        held = self._sems.get(key)
+        if held is None:
+            held = self._sems[key] = _Slots(asyncio.Semaphore(self.size))
+        held.users += 1
         try:
-            async with sem:
-                yield
-        finally:
-            sem, users = self._sems[key]
-            if users <= 1:
-                del self._sems[key]
-            else:
-                self._sems[key] = (sem, users - 1)
+            await held.sem.acquire()
+        except BaseException:
+            self._leave(key, held)
+            raise
+
+    def release(self, key: str) -> None:
+        """Give back a slot taken with :meth:`acquire`."""
+        held = self._sems[key]
+        held.sem.release()
+        self._leave(key, held)
+
+    def _leave(self, key: str, held: _Slots) -> None:
+        held.users -= 1
+        if held.users <= 0:
+            del self._sems[key]
+
+
+@dataclass(slots=True)
+class _Slots:
+    sem: asyncio.Semaphore
+    users: int = 0  # holding or waiting
 
 
 # A message in the journal this long without its first attempt is moved to files at a rescan.
@@ -487,7 +505,8 @@ class QueueRunner:
                 rcpt_options={r.address: r.options for r in batch},
                 checked=checked,
             )
-            async with self._hops.slot(hop.route.next_hop):
+            await self._hops.acquire(hop.route.next_hop)
+            try:
                 result = await self._deliver(
                     hosts,
                     delivery,
@@ -498,6 +517,8 @@ class QueueRunner:
                     connect_timeout=relay.connect_timeout,
                     timeout=relay.smtp_timeout,
                 )
+            finally:
+                self._hops.release(hop.route.next_hop)
             await self._record(entry, txn, batch, result)
             if self.hooks.metrics is not None:
                 self.hooks.metrics.delivered(hop.route, batch)
