@@ -44,6 +44,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
+
 from filterhost.journal import DONE, STORE, Journal, fsync_dir, live_messages
 
 __all__ = [
@@ -130,8 +132,16 @@ class SpoolEntry:
 
     def to_json(self) -> bytes:
         """The entry serialised for the spool."""
-        # Field by field: dataclasses.asdict deep-copies every list and dict on the way
-        # (~1% of a message's CPU in the bench profile); json.dumps needs no copies.
+        try:
+            # orjson serialises the dataclasses themselves: 2.6 us against 10.6 for a dict
+            # made field by field and the standard library's encoder (~3% of a 5 KB
+            # message's CPU at the front end, bench/PERF-LOG.md).
+            return orjson.dumps(self)
+        except orjson.JSONEncodeError:
+            pass
+        # A string that is not UTF-8 (bytes kept as surrogates by surrogateescape): orjson
+        # refuses it, the standard library escapes it. Field by field: dataclasses.asdict
+        # deep-copies every list and dict on the way.
         raw = {name: getattr(self, name) for name in _ENTRY_FIELDS}
         raw["recipients"] = [
             {name: getattr(r, name) for name in _RCPT_FIELDS} for r in self.recipients

@@ -93,3 +93,32 @@ async def test_delivery_lock_excludes_other_processes(tmp_path: Path) -> None:
     results.close()
     results.join_thread()
     spool.close()
+
+
+def _rich_entry(helo: str) -> SpoolEntry:
+    rcpt = RecipientState(address="b@example.net", options=["NOTIFY=FAILURE"])
+    rcpt.history = [{"at": 1.5, "host": "mx[192.0.2.1]:25", "reply": "451 4.3.0 Grüße"}]
+    return SpoolEntry(
+        id=new_queue_id(),
+        mail_from="a@example.org",
+        recipients=[rcpt, RecipientState(address="c@example.net", status="delivered")],
+        received=time.time(),
+        size=1234,
+        client_ip="192.0.2.7",
+        helo=helo,
+        mail_options=["BODY=8BITMIME", "SMTPUTF8"],
+        reason="hold: 🙂",
+    )
+
+
+def test_entries_round_trip_as_the_standard_library_reads_them() -> None:
+    import json  # noqa: PLC0415 - the reference reader, only here
+
+    # Non-ASCII text, a history, options; and a HELO name with bytes that were not UTF-8 (kept
+    # as surrogates), which the fast encoder refuses and the standard library escapes.
+    for helo in ("client.example.org", "bad-\udcff-name"):
+        entry = _rich_entry(helo)
+        data = entry.to_json()
+        assert SpoolEntry.from_json(data) == entry
+        assert json.loads(data)["recipients"][0]["history"][0]["reply"] == "451 4.3.0 Grüße"
+        assert json.loads(data)["helo"] == helo
