@@ -67,6 +67,15 @@ log = logging.getLogger("filterhost.smtp")
 
 _session_ids = itertools.count(1)
 
+
+@functools.cache
+def _session_prefix() -> str:
+    """``S<pid>-``: the process id, looked up once per process (a fork clears the cache)."""
+    return f"S{os.getpid()}-"
+
+
+os.register_at_fork(after_in_child=_session_prefix.cache_clear)
+
 MAX_LINE = 1000  # octets with the CRLF (RFC 5321 4.5.3.1.6; its 512 for commands is too few
 # for RCPT with a 500-character ORCPT, RFC 3461 4.2)
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "RSET", "STARTTLS", "QUIT"})
@@ -353,7 +362,7 @@ class FilterhostSMTP(SMTP):
         ip = str(peer[0])
         front = self.front
         self.fh = Session(
-            id=f"S{os.getpid()}-{next(_session_ids)}",
+            id=f"{_session_prefix()}{next(_session_ids)}",
             client_ip=ip,
             client_port=int(peer[1]) if len(peer) > 1 else 0,
             trusted=front.trusted(ip),
