@@ -35,7 +35,7 @@ import fcntl
 import functools
 import json
 import os
-import secrets
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -84,7 +84,10 @@ class Checked:
 
 def new_queue_id() -> str:
     """A queue id: sortable by time (ms), unique across processes, safe as a file name."""
-    return f"{time.time_ns() // 1_000_000:011X}{secrets.token_hex(4).upper()}"
+    # 32 random bits from the random module's generator, which Python reseeds from the OS in
+    # every forked child (worker processes never share a sequence); a queue id is not a
+    # secret (the 250 reply tells it), and secrets.token_hex was a getrandom call a message.
+    return f"{time.time_ns() // 1_000_000:011X}{random.getrandbits(32):08X}"
 
 
 @dataclass(slots=True)

@@ -122,3 +122,20 @@ def test_entries_round_trip_as_the_standard_library_reads_them() -> None:
         assert SpoolEntry.from_json(data) == entry
         assert json.loads(data)["recipients"][0]["history"][0]["reply"] == "451 4.3.0 Grüße"
         assert json.loads(data)["helo"] == helo
+
+
+def test_queue_ids_of_forked_processes_do_not_repeat_each_other() -> None:
+    # Worker processes are forked: each must draw its own random part (Python reseeds the
+    # random module in a forked child; without that both would produce the same ids).
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write_end, "".join(new_queue_id()[11:] for _ in range(4)).encode())
+        os._exit(0)
+    mine = "".join(new_queue_id()[11:] for _ in range(4))
+    os.waitpid(pid, 0)
+    theirs = os.read(read_end, 256).decode()
+    os.close(read_end)
+    os.close(write_end)
+    assert len(theirs) == len(mine) == 32
+    assert theirs != mine
