@@ -113,11 +113,12 @@ EOF
   [ -z "${FH_EXTRA_TOML:-}" ] || printf '%s\n' "$FH_EXTRA_TOML" > "$conf/99-extra.toml"
 }
 
-# start_fh CONFDIR LOGFILE [WRAPPER...]: serve at WARNING so that logging is not what is measured.
+# start_fh CONFDIR LOGFILE [WRAPPER...]: serve at WARNING so that logging is not what is measured
+# (FH_LOG_LEVEL=INFO for a look at each message's timing in OUT/logs/, not for figures).
 start_fh() {
   local conf=$1 logfile=$2
   shift 2
-  (cd "$WORK" && exec "$@" "$PY" -m filterhost -c "$conf" --log-level WARNING) > "$logfile" 2>&1 &
+  (cd "$WORK" && exec "$@" "$PY" -m filterhost -c "$conf" --log-level "${FH_LOG_LEVEL:-WARNING}") > "$logfile" 2>&1 &
   FH_PID=$!
   if ! wait_port "$FRONT_PORT"; then
     tail -20 "$logfile" >&2
