@@ -40,7 +40,7 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,15 +141,9 @@ class SpoolEntry:
             # message's CPU at the front end, bench/PERF-LOG.md).
             return orjson.dumps(self)
         except orjson.JSONEncodeError:
-            pass
-        # A string that is not UTF-8 (bytes kept as surrogates by surrogateescape): orjson
-        # refuses it, the standard library escapes it. Field by field: dataclasses.asdict
-        # deep-copies every list and dict on the way.
-        raw = {name: getattr(self, name) for name in _ENTRY_FIELDS}
-        raw["recipients"] = [
-            {name: getattr(r, name) for name in _RCPT_FIELDS} for r in self.recipients
-        ]
-        return _ENCODE(raw).encode()
+            # A string that is not UTF-8 (bytes kept as surrogates by surrogateescape): orjson
+            # refuses it, the standard library escapes it. Rare, so the plain way.
+            return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> SpoolEntry:
@@ -169,11 +163,6 @@ class SpoolEntry:
         times = [r.next_attempt for r in self.pending]
         return min(times) if times else None
 
-
-# One encoder for every entry: json.dumps with separators builds a new JSONEncoder per call.
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
-_ENTRY_FIELDS = tuple(f.name for f in fields(SpoolEntry))
-_RCPT_FIELDS = tuple(f.name for f in fields(RecipientState))
 
 # Batches committed at once: with one, an operation arriving just after a batch started waits
 # for all of it; three kept the spool threads busy in the bench (bench/PERF-LOG.md).
