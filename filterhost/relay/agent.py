@@ -190,18 +190,6 @@ class _Frames:
         self._head += memoryview(self._chunk)[:n]
         return self._cut()
 
-    def feed(self, chunk: bytes) -> list[tuple[tuple[Any, ...], bytes]]:
-        """Take ``chunk`` as if it had been read (a plain ``data_received``)."""
-        frames = []
-        view = memoryview(chunk)
-        while view:
-            target = self.buffer()
-            n = min(len(target), len(view))
-            target[:n] = view[:n]
-            view = view[n:]
-            frames.extend(self.filled(n))
-        return frames
-
     def _cut(self) -> list[tuple[tuple[Any, ...], bytes]]:
         frames: list[tuple[tuple[Any, ...], bytes]] = []
         buf = self._head
